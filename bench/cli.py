@@ -1,0 +1,192 @@
+"""`bench`: thin Typer commands that forward to plain functions (bench.runner, the task registry)."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench.engine import Reporter, default_workers
+from bench.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Reproduce the SAM / ASAM papers' tables: SGD vs SAM vs ASAM, side by side.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthetic stand-ins in the real formats.")
+app.add_typer(data_app, name="data")
+# Wide enough for a results table when output goes to a file or a pipe (rich would assume 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 1000)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A UserError becomes one line on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+class RichReporter(Reporter):
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress: Progress | None = None
+        self.bar = None
+
+    def start_epoch(self, epoch, epochs, batches):
+        self.progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, transient=True)
+        self.progress.start()
+        self.bar = self.progress.add_task("train", total=batches)
+
+    def advance(self):
+        if self.progress:
+            self.progress.advance(self.bar)
+
+    def end_epoch(self, m):
+        if self.progress:
+            self.progress.stop()
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k != "epoch")
+        self.console.print(f"epoch {m['epoch']:>3}  {shown}", highlight=False)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
+    return str(v)
+
+
+@app.command("run")
+def run_cmd(
+    task: Annotated[str, typer.Argument(help="Task name (see `bench list`).")],
+    model: Annotated[Optional[str], typer.Option(help="Model name; default: the task's.")] = None,
+    minimizer: Annotated[Optional[str], typer.Option(help="sam, asam, or the task's base optimizer "
+                                                          "(sgd); default: the base optimizer.")] = None,
+    rho: Annotated[Optional[float], typer.Option(help="Radius; default: the paper's for this task.")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="ASAM's eta (T = |w| + eta).")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    momentum: Annotated[Optional[float], typer.Option()] = None,
+    weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option()] = None,
+    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine (per epoch) or constant.")] = None,
+    bn_second_pass: Annotated[Optional[str], typer.Option(
+        help="update: BatchNorm statistics update in both SAM passes (official); freeze: first pass only.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loader worker processes.")] = None,
+    data_dir: Annotated[str, typer.Option(envvar="SAMBENCH_DATA_DIR", help="Dataset root.")] = "data",
+    download: Annotated[bool, typer.Option(help="Download the dataset if it is missing.")] = False,
+    results_dir: Annotated[str, typer.Option(help="Where <task>.csv and runs/ go.")] = "results",
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+):
+    """Train one model with one minimizer; append a row to <results-dir>/<task>.csv."""
+    from bench.registry import get_task
+    from bench.runner import execute, make_config
+
+    with user_errors():
+        if minimizer is None:
+            minimizer = get_task(task).base_optimizer
+        settings = {k: v for k, v in locals().items()
+                    if k not in ("task", "quiet", "get_task", "execute", "make_config")}
+        if settings["workers"] is None:
+            settings["workers"] = default_workers()
+        cfg = make_config(task, **settings)
+        if not quiet:
+            console.print(f"[bold]{cfg.run_id}[/]  {cfg.task} {cfg.model} {cfg.minimizer} rho={cfg.rho} "
+                          f"eta={cfg.eta} epochs={cfg.epochs} batch={cfg.batch_size} lr={cfg.lr} "
+                          f"seed={cfg.seed}", highlight=False)
+        row = execute(cfg, None if quiet else RichReporter(console))
+        if not quiet:
+            print_rows([row])
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    table = Table("run_id", "status", "model", "minimizer", "rho", "epochs", "max_test_acc", "final_test_acc",
+                  "images/s", "wall s", "data")
+    for r in rows:
+        table.add_row(r["run_id"], r["status"], r["model"], r["minimizer"], _fmt(r["rho"]), _fmt(r["epochs"]),
+                      _fmt(r.get("max_test_acc", float("nan"))), _fmt(r.get("final_test_acc", float("nan"))),
+                      f"{float(r['images_per_s']):.0f}", f"{float(r['wall_time_s']):.1f}",
+                      "synthetic" if r["synthetic"] else "real")
+    console.print(table)
+
+
+@app.command("show")
+def show_cmd(
+    task: Annotated[str, typer.Argument(help="Task whose results to show.")],
+    results_dir: Annotated[str, typer.Option(help="Where <task>.csv lives.")] = "results",
+    last: Annotated[int, typer.Option(help="Show the last N rows.")] = 20,
+):
+    """Print the rows of <results-dir>/<task>.csv."""
+    import csv
+    from pathlib import Path
+
+    with user_errors():
+        path = Path(results_dir) / f"{task}.csv"
+        if not path.exists():
+            raise UserError(f"no results at {path}; run `bench run {task} ...` first or pass --results-dir")
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))[-last:]
+        print_rows([{k: _num(v) for k, v in r.items()} for r in rows])
+
+
+def _num(v: str) -> Any:
+    try:
+        return float(v)
+    except ValueError:
+        return {"True": True, "False": False}.get(v, v)
+
+
+@app.command("list")
+def list_cmd():
+    """Tasks, their models and minimizers, and the recipe defaults."""
+    from bench.minimizers import MINIMIZERS
+    from bench.registry import get_task, task_names
+
+    with user_errors():
+        for name in task_names():
+            task = get_task(name)
+            recipe = task.recipe()
+            console.print(f"[bold]{name}[/]: {task.description}", highlight=False)
+            console.print(f"  models:     {', '.join(task.models())} (default {recipe.get('model')})",
+                          highlight=False)
+            rhos = ", ".join(f"{m} rho={r}" for m, r in recipe.get("rho_by_minimizer", {}).items())
+            etas = ", ".join(f"{m} eta={e}" for m, e in recipe.get("eta_by_minimizer", {}).items())
+            console.print(f"  minimizers: {', '.join(task.minimizers())} ({rhos}; {etas})", highlight=False)
+            keys = ("optimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
+                    "schedule")
+            console.print("  recipe:     " + ", ".join(f"{k}={recipe[k]}" for k in keys if k in recipe),
+                          highlight=False)
+        console.print(f"[bold]minimizers[/]: {', '.join(MINIMIZERS)} (+ each task's base optimizer alone)",
+                      highlight=False)
+
+
+@data_app.command("fake")
+def data_fake_cmd(
+    name: Annotated[str, typer.Argument(help="Dataset / task name, e.g. cifar10.")],
+    out_dir: Annotated[str, typer.Argument(help="Folder to write into (use it as --data-dir).")],
+    train: Annotated[int, typer.Option(help="Training examples.")] = 2000,
+    test: Annotated[int, typer.Option(help="Test examples.")] = 500,
+    seed: Annotated[int, typer.Option()] = 0,
+):
+    """Write a small synthetic dataset in the real on-disk format."""
+    from bench.registry import get_task
+
+    with user_errors():
+        console.print(get_task(name).make_fake(out_dir, train=train, test=test, seed=seed), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""A run is a value: one frozen dataclass holds every setting of a run.
+
+The CLI builds it (task recipe defaults, then the user's overrides), the engine reads it, the results row
+flattens it, and the run id hashes it. No setting travels any other way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from bench.errors import UserError
+
+# Settings that say where or how fast a run happens, not what it computes: left out of the run id.
+NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    model: str
+    minimizer: str                  # a registered minimizer ("sam", "asam") or the task's base optimizer
+    optimizer: str = "sgd"          # base optimizer: sgd | adam
+    rho: float = 0.0
+    eta: float = 0.0
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9           # SGD momentum; Adam's beta1
+    beta2: float = 0.999            # Adam only
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    schedule: str = "cosine"        # cosine (stepped per epoch, T_max = epochs) | constant
+    bn_second_pass: str = "update"  # update (official) | freeze
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    data_dir: str = "data"
+    download: bool = False
+    results_dir: str = "results"
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+
+    @property
+    def run_id(self) -> str:
+        """Stable across machines: same settings and seed -> same id."""
+        blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
+        digest = hashlib.sha256(blob).hexdigest()[:10]
+        return f"{self.task}-{self.model}-{self.minimizer}-s{self.seed}-{digest}"
+
+    def to_row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def build_config(task: str, recipe: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    """Recipe defaults, then the per-minimizer rho/eta of the recipe, then the user's non-None overrides."""
+    values = {k: v for k, v in recipe.items() if k in FIELD_NAMES}
+    unknown = set(recipe) - set(FIELD_NAMES) - {"rho_by_minimizer", "eta_by_minimizer", "models",
+                                                 "description"}
+    if unknown:
+        raise UserError(f"recipe of task {task!r} has unknown keys {sorted(unknown)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    bad = set(given) - set(FIELD_NAMES)
+    if bad:
+        raise UserError(f"unknown setting(s) {sorted(bad)}; valid settings: {', '.join(FIELD_NAMES)}")
+    values.update(task=task)
+    values.update({k: v for k, v in given.items() if k in ("model", "minimizer")})
+    minimizer = values.get("minimizer")
+    if minimizer is None:
+        raise UserError("no minimizer given: pass --minimizer")
+    values["rho"] = recipe.get("rho_by_minimizer", {}).get(minimizer, 0.0)
+    values["eta"] = recipe.get("eta_by_minimizer", {}).get(minimizer, 0.0)
+    values.update(given)
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse numbers that make no sense, with the reason and what to pass instead."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    need(finite(cfg.rho) and cfg.rho >= 0, f"--rho must be a finite number >= 0, got {cfg.rho}")
+    need(finite(cfg.eta) and cfg.eta >= 0, f"--eta must be a finite number >= 0, got {cfg.eta}")
+    need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    need(finite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}")
+    need(finite(cfg.momentum) and 0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    need(finite(cfg.beta2) and 0 <= cfg.beta2 < 1, f"--beta2 must be in [0, 1), got {cfg.beta2}")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(finite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1,
+         f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    need(cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                                      f"got {cfg.optimizer!r}")
+    need(cfg.bn_second_pass in ("update", "freeze"),
+         f"--bn-second-pass must be 'update' or 'freeze', got {cfg.bn_second_pass!r}")
+    need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+         f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")

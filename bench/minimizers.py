@@ -1,0 +1,208 @@
+"""SAM and ASAM as wrappers around any torch.optim optimizer.
+
+The update rules follow the official code exactly (SamsungLabs/ASAM `asam.py`, google-research/sam):
+
+SAM   e = rho * g / (||g||_2 + 1e-16)                       (global L2 norm over all parameters)
+ASAM  T = |w| + eta on parameters whose *name* contains "weight", T = 1 elsewhere
+      e = rho * T^2 g / (||T g||_2 + 1e-16)
+
+One step: first forward/backward -> ascent_step() (w += e, grads cleared) -> second forward/backward at
+w + e -> descent_step() (w -= e, base optimizer step with the second gradient, grads cleared).
+
+Everything is done with fused `torch._foreach_*` kernels: a handful of launches per step whatever the
+number of parameters. The perturbation reuses the first-pass gradient buffers (they are dead after the
+ascent), so SAM/ASAM hold at most one parameter-sized copy more than the base optimizer.
+
+This module depends on torch only: minimizers see parameters and gradients, never data or files.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+BN_SECOND_PASS = ("update", "freeze")
+EPS = 1e-16  # added to the norm, as in the official code
+
+
+class Minimizer:
+    """Plain base-optimizer training: one forward/backward per step.
+
+    SGD and Adam runs go through this class so that every minimizer offers the same interface:
+    `step(closure)` where `closure()` runs forward + backward and returns whatever the caller wants back
+    (the engine returns the loss and the outputs of the first pass).
+    """
+
+    passes = 1
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module):
+        self.base_optimizer = base_optimizer
+        self.model = model
+
+    @property
+    def param_groups(self):  # lets torch.optim.lr_scheduler drive the base optimizer through us
+        return self.base_optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable):
+        out = closure()
+        self.base_optimizer.step()
+        self.base_optimizer.zero_grad()
+        return out
+
+    def hparams(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"base": self.base_optimizer.state_dict(), "hparams": self.hparams()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_optimizer.load_state_dict(state["base"])
+        for key, value in state.get("hparams", {}).items():
+            setattr(self, key, value)
+
+
+class SAM(Minimizer):
+    """Sharpness-Aware Minimization (Foret et al., 2021)."""
+
+    passes = 2
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
+                 bn_second_pass: str = "update"):
+        super().__init__(base_optimizer, model)
+        if not rho >= 0:  # also refuses NaN
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        if bn_second_pass not in BN_SECOND_PASS:
+            raise ValueError(f"bn_second_pass must be one of {BN_SECOND_PASS}, got {bn_second_pass!r}")
+        self.rho = float(rho)
+        self.bn_second_pass = bn_second_pass
+        self._perturbed: list[torch.Tensor] = []  # parameters moved by the last ascent
+        self._eps: list[torch.Tensor] = []        # ... and by how much
+
+    def hparams(self) -> dict:
+        return {"rho": self.rho, "bn_second_pass": self.bn_second_pass}
+
+    def _with_grad(self) -> tuple[list[str], list[torch.Tensor]]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        return [n for n, _ in named], [p for _, p in named]
+
+    def _scaled_grads(self, names: list[str], params: list[torch.Tensor]) -> tuple[list, torch.Tensor]:
+        """Return (direction d, norm n) such that e = rho * d / n. d may alias the gradients."""
+        grads = [p.grad for p in params]
+        return grads, _global_norm(grads)
+
+    @torch.no_grad()
+    def ascent_step(self) -> None:
+        """After the first backward: w += e, then clear the gradients."""
+        if self._perturbed:
+            raise RuntimeError("ascent_step() called twice without descent_step()")
+        names, params = self._with_grad()
+        if not params:
+            return
+        direction, norm = self._scaled_grads(names, params)
+        scale = self.rho / (norm + EPS)  # rho / norm first, then times g: the official order of operations
+        torch._foreach_mul_(direction, scale)
+        torch._foreach_add_(params, direction)
+        self._perturbed, self._eps = params, direction
+        for p in params:  # the buffers now hold e; the second backward allocates fresh gradients
+            p.grad = None
+
+    @torch.no_grad()
+    def descent_step(self) -> None:
+        """After the second backward: restore w, step the base optimizer on the second gradient."""
+        if self._perturbed:
+            torch._foreach_sub_(self._perturbed, self._eps)
+        self._perturbed, self._eps = [], []
+        self.base_optimizer.step()
+        self.base_optimizer.zero_grad()
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """Context for the second forward/backward: with bn_second_pass='freeze', BatchNorm running
+        statistics are restored afterwards, so only the first (unperturbed) pass updates them."""
+        if self.bn_second_pass == "update":
+            yield
+            return
+        buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                   for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        saved = [b.clone() for b in buffers]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, s in zip(buffers, saved):
+                    b.copy_(s)
+
+    def step(self, closure: Callable):
+        out = closure()
+        self.ascent_step()
+        with torch.enable_grad(), self.second_pass():
+            closure()
+        self.descent_step()
+        return out
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., 2021), element-wise normalisation with p = 2, as the official code."""
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.5,
+                 eta: float = 0.01, bn_second_pass: str = "update"):
+        super().__init__(base_optimizer, model, rho=rho, bn_second_pass=bn_second_pass)
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = float(eta)
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "eta": self.eta}
+
+    def _scaled_grads(self, names, params):
+        grads = [p.grad for p in params]
+        w_idx = [i for i, n in enumerate(names) if "weight" in n]
+        if w_idx:
+            w_grads = [grads[i] for i in w_idx]
+            t = torch._foreach_abs([params[i] for i in w_idx])
+            torch._foreach_add_(t, self.eta)        # T = |w| + eta
+            torch._foreach_mul_(w_grads, t)         # T g   (T = 1 on the other parameters)
+            norm = _global_norm(grads)              # ||T g||
+            torch._foreach_mul_(w_grads, t)         # T^2 g
+        else:
+            norm = _global_norm(grads)
+        return grads, norm
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """|| (||t||_2 for t in tensors) ||_2, in fp32 at least (fp16/bf16 gradients are upcast)."""
+    norms = torch._foreach_norm(tensors)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+# The registry: a new minimizer is one class with the SAM interface plus `@register_minimizer("name")`.
+MINIMIZERS: dict[str, type[Minimizer]] = {}
+
+
+def register_minimizer(name: str):
+    def deco(cls):
+        MINIMIZERS[name] = cls
+        return cls
+    return deco
+
+
+register_minimizer("sam")(SAM)
+register_minimizer("asam")(ASAM)
+
+
+def create_minimizer(name: str, base_optimizer: torch.optim.Optimizer, model: nn.Module,
+                     **hparams) -> Minimizer:
+    """Build a minimizer by name, passing only the hyperparameters its constructor takes.
+
+    A name that is not registered (a task's base optimizer: "sgd", "adam") means the base optimizer alone.
+    """
+    cls = MINIMIZERS.get(name, Minimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(base_optimizer, model, **{k: v for k, v in hparams.items() if k in accepted})

@@ -1,0 +1,55 @@
+"""One run end to end: config -> task job -> engine -> results row. Plain functions, no CLI."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.config import RunConfig, build_config
+from bench.engine import Reporter, device_name, resolve_device, seed_everything, train
+from bench.errors import UserError
+from bench.registry import get_task
+from bench.results import append_row, provenance, write_csv
+
+
+def make_config(task_name: str, **overrides: Any) -> RunConfig:
+    """The task's recipe defaults overridden by the given non-None settings, checked."""
+    task = get_task(task_name)
+    recipe = task.recipe()
+    model = overrides.get("model") or recipe.get("model")
+    if model not in task.models():
+        raise UserError(f"unknown model {model!r} for task {task_name}; choose one of: "
+                        f"{', '.join(task.models())}")
+    minimizer = overrides.get("minimizer")
+    if minimizer not in task.minimizers():
+        raise UserError(f"unknown minimizer {minimizer!r} for task {task_name}; choose one of: "
+                        f"{', '.join(task.minimizers())}")
+    return build_config(task_name, recipe, overrides)
+
+
+def results_csv(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / f"{cfg.task}.csv"
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / "runs" / cfg.run_id
+
+
+def execute(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train one run and append its row to <results_dir>/<task>.csv; return the row."""
+    task = get_task(cfg.task)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)  # before the task builds the model: initialisation depends on it
+    t0 = time.perf_counter()
+    job = task.build(cfg, device)
+    summary = train(cfg, job, device, reporter)
+    wall = time.perf_counter() - t0
+
+    epochs = summary.pop("epochs")
+    out = run_dir(cfg)
+    write_csv(out / "epochs.csv", epochs)
+    row: dict[str, Any] = {"run_id": cfg.run_id, "status": summary.pop("status"),
+                           "synthetic": job.synthetic, **cfg.to_row(), **job.info, **summary,
+                           "wall_time_s": wall, **provenance(device_name(device))}
+    append_row(results_csv(cfg), row)
+    return row

@@ -1,0 +1,67 @@
+"""What a task hands the engine, and the base class tasks derive from.
+
+A task (one file under tasks/) knows its data, models, loss, metrics and recipe defaults. It gives the
+engine plain objects in a `Job`; the engine knows no task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Job:
+    model: nn.Module
+    train_loader: Iterable            # yields (inputs, targets) batches
+    test_loader: Iterable
+    loss_fn: Callable                 # training loss(outputs, targets)
+    num_train: int                    # training examples per epoch (for images/s)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # None: classification accuracy
+    track: tuple[str, ...] = ("test_acc",)  # metrics whose max and final value go into the results row
+    synthetic: bool = False           # trained on generated data: never mixed with real runs in reports
+    info: dict[str, Any] = field(default_factory=dict)  # extra task facts for the results row
+
+
+class Task:
+    """Base class of a task; register a subclass with `@register_task("name", **kwargs)`."""
+
+    name: str = ""
+    description: str = ""
+    base_optimizer: str = "sgd"
+
+    def __init__(self, name: str, **kwargs: Any):
+        self.name = name
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    def recipe(self) -> dict[str, Any]:
+        """Recipe defaults: RunConfig fields plus `rho_by_minimizer`, `eta_by_minimizer`, `models`."""
+        raise NotImplementedError
+
+    def models(self) -> list[str]:
+        return list(self.recipe().get("models", []))
+
+    def minimizers(self) -> list[str]:
+        from bench.minimizers import MINIMIZERS
+        return [self.base_optimizer, *MINIMIZERS]
+
+    def build(self, cfg, device: torch.device) -> Job:
+        raise NotImplementedError
+
+    def make_fake(self, out_dir: str, **options: Any) -> str:
+        """Write a small synthetic dataset in the real on-disk format; return a one-line summary."""
+        from bench.errors import UserError
+        raise UserError(f"task {self.name!r} has no synthetic data generator")
+
+
+def load_toml(path) -> dict[str, Any]:
+    """Read a recipe file (tasks keep their hyperparameters as data next to their code)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        return tomllib.load(f)

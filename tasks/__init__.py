@@ -1,0 +1,2 @@
+"""Tasks, one module each; importing this package registers them all with bench.registry."""
+from tasks import cifar  # noqa: F401

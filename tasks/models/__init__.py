@@ -1,0 +1,40 @@
+"""CIFAR model zoo, filled by `@register_model` (as timm's registry): a new model is one new function.
+
+`create_model(name, num_classes)` builds any registered model; `MODEL_INFO[name]` holds the published
+parameter count the tests check against and where that figure comes from.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODEL_INFO: dict[str, dict] = {}
+
+
+def register_model(name: str, *, params_m: float, source: str, recipe: dict | None = None):
+    """Register a builder `fn(num_classes) -> nn.Module` with its published size (millions of parameters,
+    CIFAR-10 head) and the source of that figure; `recipe` holds per-model training differences."""
+    def deco(fn):
+        _MODELS[name] = fn
+        MODEL_INFO[name] = {"params_m": params_m, "source": source, "recipe": recipe or {}}
+        return fn
+    return deco
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+from tasks.models import resnet_cifar, wrn  # noqa: E402,F401  (registration side effects)

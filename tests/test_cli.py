@@ -1,0 +1,99 @@
+"""The `bench` command line through typer's CliRunner: end to end runs, rows, and one-line errors."""
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_list_shows_tasks_models_minimizers_defaults():
+    r = invoke("list")
+    assert r.exit_code == 0, r.output
+    for word in ("cifar10", "cifar100", "resnet20", "wrn28_10", "sam rho=0.05", "asam rho=0.5", "asam rho=1.0",
+                 "asam eta=0.01", "lr=0.1", "epochs=200"):
+        assert word in r.output
+
+
+@pytest.fixture(scope="module")
+def three_runs(fake_cifar10, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    outputs = {}
+    for m in ("sgd", "sam", "asam"):
+        r = invoke("run", "cifar10", "--minimizer", m, "--epochs", 2, "--batch-size", 64, "--workers", 0,
+                   "--data-dir", fake_cifar10, "--results-dir", results, "--seed", 7)
+        assert r.exit_code == 0, r.output
+        outputs[m] = r.output
+    return results, outputs
+
+
+def test_runs_append_one_row_each(three_runs):
+    results, outputs = three_runs
+    df = pd.read_csv(results / "cifar10.csv")
+    assert list(df.minimizer) == ["sgd", "sam", "asam"]
+    assert list(df.rho) == [0.0, 0.05, 0.5] and list(df.eta) == [0.0, 0.0, 0.01]
+    for col in ("run_id", "status", "seed", "model", "lr", "weight_decay", "batch_size", "max_test_acc",
+                "final_test_acc", "wall_time_s", "images_per_s", "device_name", "torch_version", "git_commit",
+                "synthetic", "train_size"):
+        assert col in df.columns, col
+    assert (df.status == "ok").all() and df.synthetic.all() and (df.seed == 7).all()
+    assert (df.epochs_done == 2).all() and (df.images_per_s > 0).all()
+    assert df.run_id.is_unique
+    for _, row in df.iterrows():
+        epochs = pd.read_csv(results / "runs" / row.run_id / "epochs.csv")
+        assert list(epochs.epoch) == [1, 2]
+        assert row.max_test_acc == pytest.approx(epochs.test_acc.max())
+        assert row.final_test_acc == pytest.approx(epochs.test_acc.iloc[-1])
+        assert epochs.lr.iloc[1] < epochs.lr.iloc[0]  # cosine per epoch
+        assert {"train_loss", "train_acc", "test_loss", "test_acc"} <= set(epochs.columns)
+    assert "max_test_acc" in outputs["asam"] and "epoch   2" in outputs["asam"]
+
+
+def test_same_seed_same_result(three_runs, fake_cifar10, tmp_path):
+    results, _ = three_runs
+    r = invoke("run", "cifar10", "--minimizer", "sam", "--epochs", 2, "--batch-size", 64, "--workers", 0,
+               "--data-dir", fake_cifar10, "--results-dir", tmp_path, "--seed", 7, "--quiet")
+    assert r.exit_code == 0, r.output
+    a = pd.read_csv(results / "cifar10.csv").set_index("minimizer").loc["sam"]
+    b = pd.read_csv(tmp_path / "cifar10.csv").iloc[0]
+    assert a.run_id == b.run_id
+    assert a.final_train_loss == b.final_train_loss and a.final_test_acc == b.final_test_acc
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "cifar11"], "unknown task 'cifar11'; choose one of: cifar10, cifar100"),
+    (["run", "cifar10", "--model", "resnet21"], "unknown model 'resnet21'"),
+    (["run", "cifar10", "--minimizer", "adamw"], "unknown minimizer 'adamw' for task cifar10; choose one of: sgd, sam, asam"),
+    (["run", "cifar10", "--minimizer", "sam", "--rho", "-0.1"], "--rho must be a finite number >= 0"),
+    (["run", "cifar10", "--minimizer", "asam", "--eta", "-1"], "--eta must be a finite number >= 0"),
+    (["run", "cifar10", "--lr", "0"], "--lr must be a finite number > 0"),
+    (["run", "cifar10", "--epochs", "0"], "--epochs must be >= 1"),
+    (["run", "cifar10", "--bn-second-pass", "maybe"], "--bn-second-pass must be 'update' or 'freeze'"),
+    (["run", "cifar10", "--data-dir", "/nonexistent/x"], "cifar10 not found (or corrupted) at /nonexistent/x/cifar-10-batches-py/"),
+    (["data", "fake", "mnist", "/tmp/x"], "unknown task 'mnist'"),
+])
+def test_user_errors_are_one_line(args, needle):
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output
+    assert len([ln for ln in r.output.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_cuda_without_gpu_is_refused(fake_cifar10):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = invoke("run", "cifar10", "--device", "cuda", "--data-dir", fake_cifar10, "--quiet")
+    assert r.exit_code == 2 and "CUDA is not available" in r.output
+
+
+def test_data_fake_command(tmp_path):
+    r = invoke("data", "fake", "cifar100", tmp_path, "--train", 50, "--test", 20)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cifar-100-python" / "train").exists()
