@@ -79,6 +79,10 @@ def run_cmd(
     schedule: Annotated[Optional[str], typer.Option(help="cosine (per epoch) or constant.")] = None,
     bn_second_pass: Annotated[Optional[str], typer.Option(
         help="update: BatchNorm statistics update in both SAM passes (official); freeze: first pass only.")] = None,
+    second_pass_rng: Annotated[Optional[str], typer.Option(
+        help="fresh: dropout/ShakeDrop draw new masks in the second SAM pass (official); reuse: the same.")] = None,
+    noise: Annotated[Optional[float], typer.Option(help="Label-noise tasks: symmetric noise rate.")] = None,
+    noise_seed: Annotated[Optional[int], typer.Option(help="Label-noise tasks: seed of the corruption.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data-loader worker processes.")] = None,
@@ -162,7 +166,7 @@ def list_cmd():
             etas = ", ".join(f"{m} eta={e}" for m, e in recipe.get("eta_by_minimizer", {}).items())
             console.print(f"  minimizers: {', '.join(task.minimizers())} ({rhos}; {etas})", highlight=False)
             keys = ("optimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-                    "schedule")
+                    "schedule", *task.settings)
             console.print("  recipe:     " + ", ".join(f"{k}={recipe[k]}" for k in keys if k in recipe),
                           highlight=False)
         console.print(f"[bold]minimizers[/]: {', '.join(MINIMIZERS)} (+ each task's base optimizer alone)",

@@ -36,6 +36,9 @@ class RunConfig:
     label_smoothing: float = 0.1
     schedule: str = "cosine"        # cosine (stepped per epoch, T_max = epochs) | constant
     bn_second_pass: str = "update"  # update (official) | freeze
+    second_pass_rng: str = "fresh"  # fresh (official) | reuse: dropout/ShakeDrop masks of pass 1 in pass 2
+    noise: float = 0.0              # label-noise tasks: symmetric noise rate of the training labels
+    noise_seed: int = 0             # label-noise tasks: seed of the corruption (same for every minimizer)
     seed: int = 0
     device: str = "auto"
     workers: int = 2
@@ -58,6 +61,9 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+# Settings only some tasks use; a task lists the ones it reads in `Task.settings`.
+TASK_SETTINGS = ("noise", "noise_seed")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -111,6 +117,9 @@ def validate(cfg: RunConfig) -> None:
                                       f"got {cfg.optimizer!r}")
     need(cfg.bn_second_pass in ("update", "freeze"),
          f"--bn-second-pass must be 'update' or 'freeze', got {cfg.bn_second_pass!r}")
+    need(cfg.second_pass_rng in ("fresh", "reuse"),
+         f"--second-pass-rng must be 'fresh' or 'reuse', got {cfg.second_pass_rng!r}")
+    need(finite(cfg.noise) and 0 <= cfg.noise <= 1, f"--noise must be in [0, 1], got {cfg.noise}")
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")

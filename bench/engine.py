@@ -102,7 +102,8 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     model = job.model.to(device)
     base = make_base_optimizer(cfg, model)
     minimizer: Minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta,
-                                            bn_second_pass=cfg.bn_second_pass)
+                                            bn_second_pass=cfg.bn_second_pass,
+                                            second_pass_rng=cfg.second_pass_rng)
     scheduler = make_scheduler(cfg, base)
     evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, device))
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 BN_SECOND_PASS = ("update", "freeze")
+SECOND_PASS_RNG = ("fresh", "reuse")
 EPS = 1e-16  # added to the norm, as in the official code
 
 
@@ -73,19 +74,22 @@ class SAM(Minimizer):
     passes = 2
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
-                 bn_second_pass: str = "update"):
+                 bn_second_pass: str = "update", second_pass_rng: str = "fresh"):
         super().__init__(base_optimizer, model)
         if not rho >= 0:  # also refuses NaN
             raise ValueError(f"rho must be >= 0, got {rho}")
         if bn_second_pass not in BN_SECOND_PASS:
             raise ValueError(f"bn_second_pass must be one of {BN_SECOND_PASS}, got {bn_second_pass!r}")
+        if second_pass_rng not in SECOND_PASS_RNG:
+            raise ValueError(f"second_pass_rng must be one of {SECOND_PASS_RNG}, got {second_pass_rng!r}")
         self.rho = float(rho)
         self.bn_second_pass = bn_second_pass
+        self.second_pass_rng = second_pass_rng
         self._perturbed: list[torch.Tensor] = []  # parameters moved by the last ascent
         self._eps: list[torch.Tensor] = []        # ... and by how much
 
     def hparams(self) -> dict:
-        return {"rho": self.rho, "bn_second_pass": self.bn_second_pass}
+        return {"rho": self.rho, "bn_second_pass": self.bn_second_pass, "second_pass_rng": self.second_pass_rng}
 
     def _with_grad(self) -> tuple[list[str], list[torch.Tensor]]:
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
@@ -139,20 +143,39 @@ class SAM(Minimizer):
                     b.copy_(s)
 
     def step(self, closure: Callable):
+        """Both passes on the same batch. Stochastic layers (dropout, ShakeDrop) draw fresh randomness in
+        the second pass, as the official code does; with second_pass_rng='reuse' torch's RNG is rewound
+        so the second pass draws exactly the masks of the first."""
+        rng = _rng_state() if self.second_pass_rng == "reuse" else None
         out = closure()
         self.ascent_step()
+        if rng is not None:
+            _set_rng_state(rng)
         with torch.enable_grad(), self.second_pass():
             closure()
         self.descent_step()
         return out
 
 
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 class ASAM(SAM):
     """Adaptive SAM (Kwon et al., 2021), element-wise normalisation with p = 2, as the official code."""
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.5,
-                 eta: float = 0.01, bn_second_pass: str = "update"):
-        super().__init__(base_optimizer, model, rho=rho, bn_second_pass=bn_second_pass)
+                 eta: float = 0.01, bn_second_pass: str = "update", second_pass_rng: str = "fresh"):
+        super().__init__(base_optimizer, model, rho=rho, bn_second_pass=bn_second_pass,
+                         second_pass_rng=second_pass_rng)
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)

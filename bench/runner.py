@@ -5,18 +5,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.config import RunConfig, build_config
+from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
 from bench.engine import Reporter, device_name, resolve_device, seed_everything, train
 from bench.errors import UserError
-from bench.registry import get_task
+from bench.registry import get_task, task_names
 from bench.results import append_row, provenance, write_csv
 
 
 def make_config(task_name: str, **overrides: Any) -> RunConfig:
     """The task's recipe defaults overridden by the given non-None settings, checked."""
     task = get_task(task_name)
-    recipe = task.recipe()
-    model = overrides.get("model") or recipe.get("model")
+    model = overrides.get("model") or task.recipe().get("model")
     if model not in task.models():
         raise UserError(f"unknown model {model!r} for task {task_name}; choose one of: "
                         f"{', '.join(task.models())}")
@@ -24,7 +23,12 @@ def make_config(task_name: str, **overrides: Any) -> RunConfig:
     if minimizer not in task.minimizers():
         raise UserError(f"unknown minimizer {minimizer!r} for task {task_name}; choose one of: "
                         f"{', '.join(task.minimizers())}")
-    return build_config(task_name, recipe, overrides)
+    for name in TASK_SETTINGS:
+        if name not in task.settings and overrides.get(name) not in (None, DEFAULTS[name]):
+            users = [t for t in task_names() if name in get_task(t).settings]
+            raise UserError(f"--{name.replace('_', '-')} does not apply to task {task_name}; it is a setting "
+                            f"of: {', '.join(users) or 'no task'}")
+    return build_config(task_name, task.recipe(model), overrides)
 
 
 def results_csv(cfg: RunConfig) -> Path:

@@ -31,14 +31,16 @@ class Task:
     name: str = ""
     description: str = ""
     base_optimizer: str = "sgd"
+    settings: tuple[str, ...] = ()  # task-specific RunConfig fields this task reads (e.g. "noise")
 
     def __init__(self, name: str, **kwargs: Any):
         self.name = name
         for key, value in kwargs.items():
             setattr(self, key, value)
 
-    def recipe(self) -> dict[str, Any]:
-        """Recipe defaults: RunConfig fields plus `rho_by_minimizer`, `eta_by_minimizer`, `models`."""
+    def recipe(self, model: str | None = None) -> dict[str, Any]:
+        """Recipe defaults: RunConfig fields plus `rho_by_minimizer`, `eta_by_minimizer`, `models`.
+        With a model, including that model's own recipe differences."""
         raise NotImplementedError
 
     def models(self) -> list[str]:

@@ -20,7 +20,7 @@ from torchvision import datasets, transforms
 from bench.errors import UserError
 from bench.registry import register_task
 from bench.task import Job, Task, load_toml
-from tasks.models import create_model, model_names
+from tasks.models import MODEL_INFO, create_model, model_names
 
 RECIPE = load_toml(Path(__file__).with_name("cifar.toml"))
 SYNTHETIC_MARKER = "SYNTHETIC"
@@ -65,9 +65,12 @@ class CifarTask(Task):
     dataset = "cifar10"
     base_optimizer = "sgd"
 
-    def recipe(self) -> dict[str, Any]:
+    def recipe(self, model: str | None = None) -> dict[str, Any]:
         spec = RECIPE[self.dataset]
-        return {**RECIPE["common"], "rho_by_minimizer": spec["rho_by_minimizer"], "models": model_names()}
+        recipe = {**RECIPE["common"], "rho_by_minimizer": spec["rho_by_minimizer"], "models": model_names()}
+        if model in MODEL_INFO:  # per-model differences live next to the model's registration
+            recipe.update(MODEL_INFO[model]["recipe"])
+        return recipe
 
     @property
     def num_classes(self) -> int:

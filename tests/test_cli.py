@@ -66,7 +66,7 @@ def test_same_seed_same_result(three_runs, fake_cifar10, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["run", "cifar11"], "unknown task 'cifar11'; choose one of: cifar10, cifar100"),
+    (["run", "cifar11"], "unknown task 'cifar11'; choose one of: cifar10, cifar10-noise, cifar100"),
     (["run", "cifar10", "--model", "resnet21"], "unknown model 'resnet21'"),
     (["run", "cifar10", "--minimizer", "adamw"], "unknown minimizer 'adamw' for task cifar10; choose one of: sgd, sam, asam"),
     (["run", "cifar10", "--minimizer", "sam", "--rho", "-0.1"], "--rho must be a finite number >= 0"),

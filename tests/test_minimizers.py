@@ -232,3 +232,39 @@ def test_create_minimizer_by_name():
     assert type(create_minimizer("sam", base, net, rho=0.1, eta=0.1)) is SAM
     asam = create_minimizer("asam", base, net, rho=0.2, eta=0.3)
     assert (type(asam), asam.rho, asam.eta) == (ASAM, 0.2, 0.3)
+
+
+class RecordsDraws(nn.Module):
+    """Dropout-like layer that remembers the random numbers each forward pass drew."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.draws = []
+
+    def forward(self, x):
+        mask = torch.rand(x.shape)
+        self.draws.append(mask)
+        return self.lin(x * mask)
+
+
+@pytest.mark.parametrize("cls", [SAM, ASAM])
+@pytest.mark.parametrize("mode", ["fresh", "reuse"])
+def test_second_pass_randomness(cls, mode):
+    torch.manual_seed(0)
+    net = RecordsDraws()
+    opt = cls(torch.optim.SGD(net.parameters(), lr=0.1), net, rho=0.5, second_pass_rng=mode)
+    x = torch.randn(5, 4)
+
+    def closure():
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        return loss.detach()
+
+    opt.step(closure)
+    opt.step(closure)
+    first, second, third, _ = net.draws
+    assert torch.equal(first, second) is (mode == "reuse")
+    assert not torch.equal(first, third)  # the next step always draws anew
+    with pytest.raises(ValueError):
+        cls(torch.optim.SGD(net.parameters(), lr=0.1), net, second_pass_rng="same")

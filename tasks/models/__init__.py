@@ -37,4 +37,4 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from tasks.models import resnet_cifar, wrn  # noqa: E402,F401  (registration side effects)
+from tasks.models import densenet, pyramidnet, resnet_cifar, resnext, vgg, wrn  # noqa: E402,F401  (registration side effects)
