@@ -9,7 +9,7 @@ BENCH := $(VENV)/bin/bench
 TORCH_SPEC ?=
 SMOKE := results/smoke
 
-.PHONY: install test smoke clean
+.PHONY: install test smoke reproduce clean
 
 install: $(VENV)/.installed
 
@@ -22,15 +22,18 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# Fake CIFAR-10 in torchvision's format, ResNet-20, 2 epochs, SGD vs SAM vs ASAM on the CPU (~1 minute).
+# The demo (real digits with label noise, ~1.5 min) and the smoke preset (every built table end to end on
+# synthetic data, < 1 min), then the report: results/smoke/report.md.
 smoke: install
 	rm -rf $(SMOKE)
-	$(BENCH) data fake cifar10 $(SMOKE)/data --train 1000 --test 500
-	for m in sgd sam asam; do \
-	  $(BENCH) run cifar10 --model resnet20 --minimizer $$m --epochs 2 --device cpu \
-	    --data-dir $(SMOKE)/data --results-dir $(SMOKE) || exit 1; \
-	done
-	$(BENCH) show cifar10 --results-dir $(SMOKE)
+	$(BENCH) reproduce --preset demo --results-dir $(SMOKE) --device cpu
+	$(BENCH) reproduce --preset smoke --results-dir $(SMOKE) --device cpu
+	$(BENCH) report --results-dir $(SMOKE)
+
+# Every paper table with the papers' recipes (GPU-days; resumable: re-run to continue).
+reproduce: install
+	$(BENCH) reproduce --preset full
+	$(BENCH) report
 
 clean:
 	rm -rf $(VENV) *.egg-info $(SMOKE)

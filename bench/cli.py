@@ -123,6 +123,84 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+@app.command("reproduce")
+def reproduce_cmd(
+    tables: Annotated[Optional[list[str]], typer.Argument(help="Tables to run (table2 ... table6, demo); "
+                                                                "default: every table with the preset.")] = None,
+    preset: Annotated[str, typer.Option(help="full (the papers' recipes), smoke (synthetic data, minutes "
+                                             "on a CPU) or demo (digits with label noise).")] = "full",
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds per cell; default: the preset's.")] = None,
+    results_dir: Annotated[str, typer.Option()] = "results",
+    data_dir: Annotated[str, typer.Option(envvar="SAMBENCH_DATA_DIR")] = "data",
+    device: Annotated[str, typer.Option()] = "auto",
+    workers: Annotated[Optional[int], typer.Option()] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (and GPU-hours where measured); run nothing.")] = False,
+    force: Annotated[bool, typer.Option(help="Re-run runs whose rows already exist.")] = False,
+):
+    """Run the paper tables' experiment matrix; skips runs already in the results."""
+    from bench.registry import tables_file
+    from bench.reproduce import describe, load_tables, plan, run_plan
+
+    with user_errors():
+        plans = plan(load_tables(tables_file()), tables or [], preset, seeds=seeds, results_dir=results_dir,
+                     data_dir=data_dir, device=device, workers=default_workers() if workers is None else workers,
+                     force=force)
+        if dry_run:
+            for line in describe(plans, results_dir):
+                console.print(line, highlight=False)
+            return
+        for tp in plans:
+            if tp.skipped:
+                console.print(f"[yellow]{tp.name}: skipped:[/] {tp.skipped}", highlight=False)
+            elif tp.done:
+                console.print(f"{tp.name}: {len(tp.done)} of {len(tp.runs)} runs already done", highlight=False)
+
+        def start(cfg, i, n):
+            console.print(f"[{i}/{n}] {cfg.run_id} ({cfg.model} {cfg.minimizer} rho={cfg.rho} noise={cfg.noise} "
+                          f"seed={cfg.seed})", highlight=False, end=" ")
+
+        def end(row):
+            metric = row.get("max_test_acc")
+            shown = f"max_test_acc {metric:.2f} " if isinstance(metric, float) else ""
+            console.print(f"-> {row['status']} {shown}{row.get('note', '')}", highlight=False)
+
+        counts = run_plan(plans, start, end)
+        console.print("done: " + ", ".join(f"{v} {k}" for k, v in counts.items()), highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    results_dir: Annotated[str, typer.Option(help="Folder of the result CSVs.")] = "results",
+    out: Annotated[Optional[str], typer.Option(help="Markdown file; default <results-dir>/report.md.")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Paper targets CSV; default results/paper/asam.csv "
+                                                        "of this checkout.")] = None,
+    plot: Annotated[Optional[list[str]], typer.Option(help="TASK:MODEL to plot (repeatable); default: "
+                                                           "every group with epoch logs, at most 12.")] = None,
+):
+    """Turn the result CSVs into markdown tables shaped like the papers', our numbers beside theirs."""
+    from pathlib import Path
+
+    from bench.registry import tables_file
+    from bench.report import write_report
+
+    with user_errors():
+        if not Path(results_dir).is_dir():
+            raise UserError(f"no results folder {results_dir}; run `bench run` or `bench reproduce` first")
+        out_path = Path(out) if out else Path(results_dir) / "report.md"
+        targets_path = Path(targets) if targets else Path(__file__).resolve().parent.parent / "results/paper/asam.csv"
+        if not targets_path.exists():
+            raise UserError(f"paper targets not found at {targets_path}; pass --targets FILE")
+        pairs = None
+        if plot:
+            bad = [p for p in plot if ":" not in p]
+            if bad:
+                raise UserError(f"--plot takes TASK:MODEL, got {bad[0]!r}")
+            pairs = [tuple(p.split(":", 1)) for p in plot]
+        text = write_report(results_dir, out_path, targets_path, tables_file(), plots=pairs)
+        console.print(text, highlight=False, markup=False)
+        console.print(f"wrote {out_path}", highlight=False)
+
+
 @app.command("show")
 def show_cmd(
     task: Annotated[str, typer.Argument(help="Task whose results to show.")],

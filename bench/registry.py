@@ -6,6 +6,7 @@ Tasks in this repo live in the `tasks` package; third-party packages can add the
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from importlib.metadata import entry_points
 
 from bench.errors import UserError
@@ -35,9 +36,19 @@ def _load() -> None:
         importlib.import_module(ep.value)
 
 
+def tables_file() -> Path:
+    """The paper tables' experiment matrix (tasks/tables.toml)."""
+    return Path(importlib.import_module("tasks").__file__).with_name("tables.toml")
+
+
 def task_names() -> list[str]:
     _load()
     return sorted(_TASKS)
+
+
+def has_task(name: str) -> bool:
+    _load()
+    return name in _TASKS
 
 
 def get_task(name: str) -> Task:

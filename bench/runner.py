@@ -57,3 +57,27 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
                            "wall_time_s": wall, **provenance(device_name(device))}
     append_row(results_csv(cfg), row)
     return row
+
+
+def record_failure(cfg: RunConfig, error: BaseException) -> dict[str, Any]:
+    """Append a `failed` row (with the error) so a sweep can go on and the report can list it."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    row: dict[str, Any] = {"run_id": cfg.run_id, "status": "failed", **cfg.to_row(),
+                           "note": f"{type(error).__name__}: {message}"[:500], **provenance("n/a")}
+    append_row(results_csv(cfg), row)
+    return row
+
+
+def completed_run_ids(results_dir: str | Path) -> set[str]:
+    """run_ids that already have an `ok` or `diverged` row in any results CSV of the folder."""
+    import csv
+    done: set[str] = set()
+    for path in Path(results_dir).glob("*.csv"):
+        try:
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if row.get("status") in ("ok", "diverged") and row.get("run_id"):
+                        done.add(row["run_id"])
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue  # not a results file (or unreadable): `bench report` names it
+    return done

@@ -97,3 +97,16 @@ def test_data_fake_command(tmp_path):
     r = invoke("data", "fake", "cifar100", tmp_path, "--train", 50, "--test", 20)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "cifar-100-python" / "train").exists()
+
+
+def test_report_command(three_runs, tmp_path):
+    results, _ = three_runs
+    out = tmp_path / "r.md"
+    r = invoke("report", "--results-dir", results, "--out", out, "--plot", "cifar10:resnet20")
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    assert "ASAM Table 2: CIFAR-10" in text and "synthetic data" in text
+    assert (tmp_path / "r-cifar10-resnet20-synthetic.png").exists()
+    assert invoke("report", "--results-dir", tmp_path / "none").exit_code == 2
+    bad = invoke("report", "--results-dir", results, "--plot", "cifar10")
+    assert bad.exit_code == 2 and "TASK:MODEL" in bad.output

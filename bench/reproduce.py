@@ -1,0 +1,164 @@
+"""`bench reproduce`: the paper tables' experiment matrix (tasks/tables.toml) -> a plan of runs -> runs.
+
+Resumable and idempotent: a run whose row (same run id: same settings and seed) already exists with
+status ok/diverged is skipped; an interrupted sweep continues where it stopped; `force` re-runs. A run that
+fails is recorded as `failed` with its error and the sweep goes on. Tables whose task is not built yet are
+listed and skipped with a message.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.config import RunConfig
+from bench.errors import UserError
+from bench.registry import get_task, has_task
+from bench.runner import completed_run_ids, execute, make_config, record_failure
+from bench.task import load_toml
+
+PRESETS = ("full", "smoke", "demo")
+
+
+@dataclass
+class TablePlan:
+    name: str
+    title: str
+    task: str
+    runs: list[RunConfig] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)   # run ids already in the results
+    skipped: str = ""                              # why the whole table is skipped
+    synthetic: tuple[int, int] | None = None       # (train, test) size of the generated data
+
+    @property
+    def todo(self) -> list[RunConfig]:
+        return [c for c in self.runs if c.run_id not in self.done]
+
+
+def load_tables(path: str | Path) -> dict[str, dict]:
+    return load_toml(path)
+
+
+def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int | None = None,
+         results_dir: str = "results", data_dir: str = "data", device: str = "auto", workers: int = 2,
+         force: bool = False) -> list[TablePlan]:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if seeds is not None and seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    unknown = [n for n in names if n not in tables]
+    if unknown:
+        raise UserError(f"unknown table(s) {', '.join(unknown)}; choose from: {', '.join(tables)}")
+    done = set() if force else completed_run_ids(results_dir)
+    plans = []
+    for name in names or [n for n in tables if preset in tables[n].get("presets", {})]:
+        spec = tables[name]
+        tp = TablePlan(name=name, title=spec["title"], task=spec["task"])
+        plans.append(tp)
+        p = spec.get("presets", {}).get(preset)
+        if p is None:
+            tp.skipped = f"no '{preset}' preset (it has: {', '.join(spec.get('presets', {}))})"
+            continue
+        models = p.get("models", spec["models"])
+        noises = p.get("noise", spec.get("noise", [None]))
+        n_seeds = seeds or p.get("seeds", 1)
+        count = len(models) * len(noises) * len(spec["minimizers"]) * n_seeds
+        if not has_task(spec["task"]):
+            tp.skipped = f"task {spec['task']!r} is not built yet ({count} runs not planned)"
+            continue
+        if "synthetic" in p:
+            tp.synthetic = tuple(p["synthetic"])
+            run_data = str(Path(results_dir) / "data" / spec["task"])
+        else:
+            run_data = data_dir
+        for model in models:
+            for noise in noises:
+                for minimizer in spec["minimizers"]:
+                    for seed in range(n_seeds):
+                        settings: dict[str, Any] = {**p.get("settings", {}), "model": model,
+                                                    "minimizer": minimizer, "seed": seed,
+                                                    "results_dir": results_dir, "data_dir": run_data,
+                                                    "device": device, "workers": workers}
+                        if noise is not None:
+                            settings["noise"] = noise
+                        tp.runs.append(make_config(spec["task"], **settings))
+        tp.done = {c.run_id for c in tp.runs} & done
+    return plans
+
+
+def measured_epoch_seconds(results_dir: str | Path) -> dict[tuple[str, str, str], tuple[float, str]]:
+    """(task, model, minimizer) -> (seconds per epoch, device) from earlier GPU rows, real data only."""
+    speeds: dict[tuple[str, str, str], tuple[float, str]] = {}
+    for path in Path(results_dir).glob("*.csv"):
+        try:
+            with open(path, newline="") as f:
+                for r in csv.DictReader(f):
+                    if r.get("status") != "ok" or r.get("synthetic") == "True" or "cpu" in r.get("device_name", "cpu").lower():
+                        continue
+                    epochs = float(r.get("epochs_done") or 0)
+                    if epochs > 0:
+                        speeds[(r["task"], r["model"], r["minimizer"])] = (float(r["wall_time_s"]) / epochs,
+                                                                           r["device_name"])
+        except (OSError, csv.Error, KeyError, ValueError):
+            continue
+    return speeds
+
+
+def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
+    """The --dry-run text: per table, runs planned / already done, and GPU-hours where measured."""
+    speeds = measured_epoch_seconds(results_dir)
+    lines, total_h, unknown = [], 0.0, 0
+    for tp in plans:
+        if tp.skipped:
+            lines.append(f"{tp.name}: skipped: {tp.skipped}")
+            continue
+        hours, missing = 0.0, 0
+        for cfg in tp.todo:
+            speed = speeds.get((cfg.task, cfg.model, cfg.minimizer))
+            if speed:
+                hours += speed[0] * cfg.epochs / 3600
+            else:
+                missing += 1
+        total_h += hours
+        unknown += missing
+        est = f"~{hours:.1f} GPU-h measured" if hours else "GPU-h unknown"
+        if missing and hours:
+            est += f" + {missing} runs of unmeasured speed"
+        data = f", synthetic data {tp.synthetic[0]}/{tp.synthetic[1]}" if tp.synthetic else ""
+        lines.append(f"{tp.name} ({tp.task}): {len(tp.runs)} runs, {len(tp.runs) - len(tp.todo)} already done, "
+                     f"{len(tp.todo)} to run{data}; {est}")
+        for cfg in tp.todo:
+            speed = speeds.get((cfg.task, cfg.model, cfg.minimizer))
+            eta = f"{speed[0] * cfg.epochs / 3600:.2f} h on {speed[1]}" if speed else "speed not measured"
+            lines.append(f"  {cfg.run_id}  {cfg.model} {cfg.minimizer} rho={cfg.rho} noise={cfg.noise} "
+                         f"epochs={cfg.epochs} seed={cfg.seed}  ({eta})")
+    lines.append(f"total: {sum(len(t.todo) for t in plans)} runs to do; {total_h:.1f} GPU-h measured"
+                 + (f", {unknown} runs without a measured speed (run one epoch on your GPU to measure)"
+                    if unknown else ""))
+    return lines
+
+
+def run_plan(plans: list[TablePlan], on_start: Callable[[RunConfig, int, int], None] | None = None,
+             on_end: Callable[[dict], None] | None = None, reporter=None) -> dict[str, int]:
+    """Run every planned run not yet done; returns counts by outcome."""
+    counts = {"ok": 0, "diverged": 0, "failed": 0, "skipped": 0}
+    todo = [(tp, c) for tp in plans for c in tp.todo]
+    counts["skipped"] = sum(len(tp.done) for tp in plans)
+    made: set[str] = set()
+    for i, (tp, cfg) in enumerate(todo, 1):
+        if on_start:
+            on_start(cfg, i, len(todo))
+        try:
+            if tp.synthetic and cfg.data_dir not in made:
+                get_task(cfg.task).make_fake(cfg.data_dir, train=tp.synthetic[0], test=tp.synthetic[1], seed=0)
+                made.add(cfg.data_dir)
+            row = execute(cfg, reporter)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is recorded and the sweep goes on
+            row = record_failure(cfg, e)
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        if on_end:
+            on_end(row)
+    return counts

@@ -1,0 +1,116 @@
+"""`bench reproduce`: the plan from tables.toml, skipping, resuming, failures, dry runs; the digits demo."""
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.errors import UserError
+from bench.registry import get_task, tables_file
+from bench.reproduce import describe, load_tables, plan, run_plan
+
+TABLES = load_tables(tables_file())
+
+
+def tiny_tables():
+    """The real table6 definition with a tiny smoke preset (fast enough for several sweeps)."""
+    t6 = dict(TABLES["table6"])
+    t6["presets"] = {"smoke": {"models": ["resnet20"], "noise": [0.2, 0.4], "seeds": 1, "synthetic": [16, 8],
+                               "settings": {"epochs": 1, "batch_size": 8}}}
+    return {"table6": t6, "table4": TABLES["table4"]}
+
+
+def test_full_plan_matches_the_paper_matrix(tmp_path):
+    plans = {p.name: p for p in plan(TABLES, [], "full", results_dir=str(tmp_path))}
+    assert len(plans["table2"].runs) == 8 * 3 * 5 and len(plans["table3"].runs) == 8 * 3 * 5
+    assert len(plans["table6"].runs) == 4 * 3 * 3
+    t3 = plans["table3"].runs
+    assert {(c.minimizer, c.rho) for c in t3} == {("sgd", 0.0), ("sam", 0.1), ("asam", 1.0)}
+    assert {c.noise for c in plans["table6"].runs} == {0.2, 0.4, 0.6, 0.8}
+    assert all(c.epochs == 200 and c.batch_size == 128 for c in t3)
+    assert "not built yet" in plans["table4"].skipped and "not built yet" in plans["table5"].skipped
+    assert "demo" not in plans  # the demo table has no full preset
+    assert len(plan(TABLES, ["table2"], "full", seeds=2, results_dir=str(tmp_path))[0].runs) == 8 * 3 * 2
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError, match="unknown table"):
+        plan(TABLES, ["table9"], "full")
+    with pytest.raises(UserError, match="unknown preset"):
+        plan(TABLES, [], "huge")
+    with pytest.raises(UserError, match="--seeds"):
+        plan(TABLES, [], "full", seeds=0)
+
+
+def test_sweep_is_resumable_idempotent_and_forceable(tmp_path):
+    res = str(tmp_path / "res")
+    plans = plan(tiny_tables(), [], "smoke", results_dir=res, workers=0)
+    assert [p.name for p in plans] == ["table6", "table4"] and "not built yet" in plans[1].skipped
+    first = plans[0].todo[:2]
+    plans[0].runs = first  # "interrupted" after two runs
+    assert run_plan(plans)["ok"] == 2
+    again = plan(tiny_tables(), [], "smoke", results_dir=res, workers=0)[0]
+    assert len(again.runs) == 6 and len(again.done) == 2 and len(again.todo) == 4
+    counts = run_plan([again])
+    assert counts["ok"] == 4 and counts["skipped"] == 2
+    df = pd.read_csv(tmp_path / "res" / "cifar10-noise.csv")
+    assert len(df) == 6 and df.run_id.is_unique and set(df.noise) == {0.2, 0.4}
+    assert plan(tiny_tables(), [], "smoke", results_dir=res)[0].todo == []
+    forced = plan(tiny_tables(), [], "smoke", results_dir=res, force=True)[0]
+    assert len(forced.todo) == 6
+
+
+def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
+    task = get_task("cifar10-noise")
+    real_build = task.build
+
+    def build(cfg, device):
+        if cfg.minimizer == "sam":
+            raise RuntimeError("simulated\nfailure")
+        return real_build(cfg, device)
+
+    monkeypatch.setattr(task, "build", build)
+    plans = plan(tiny_tables(), ["table6"], "smoke", results_dir=str(tmp_path), workers=0)
+    counts = run_plan(plans)
+    assert counts["failed"] == 2 and counts["ok"] == 4
+    df = pd.read_csv(tmp_path / "cifar10-noise.csv")
+    failed = df[df.status == "failed"]
+    assert set(failed.minimizer) == {"sam"} and (failed.note == "RuntimeError: simulated failure").all()
+    # failed runs are not "done": the next sweep retries exactly them
+    monkeypatch.setattr(task, "build", real_build)
+    retry = plan(tiny_tables(), ["table6"], "smoke", results_dir=str(tmp_path))[0]
+    assert {c.minimizer for c in retry.todo} == {"sam"}
+
+
+def test_dry_run_lists_runs_skips_and_measured_speed(tmp_path):
+    from bench.results import append_row
+    plans = plan(TABLES, ["table2", "table4"], "full", results_dir=str(tmp_path))
+    text = "\n".join(describe(plans, tmp_path))
+    assert "table2 (cifar10): 120 runs, 0 already done, 120 to run; GPU-h unknown" in text
+    assert "table4: skipped: task 'imagenet' is not built yet" in text
+    # a measured GPU row gives an estimate: 30 s/epoch x 200 epochs = 1.67 h per run, 5 seeds of one cell
+    append_row(tmp_path / "cifar10.csv", {"run_id": "x", "status": "ok", "synthetic": False, "task": "cifar10",
+                                          "model": "wrn28_10", "minimizer": "asam", "epochs_done": 2,
+                                          "wall_time_s": 60.0, "device_name": "NVIDIA H100"})
+    text = "\n".join(describe(plan(TABLES, ["table2"], "full", results_dir=str(tmp_path)), tmp_path))
+    assert "~8.3 GPU-h measured + 115 runs of unmeasured speed" in text
+    assert "1.67 h on NVIDIA H100" in text
+
+
+def test_cli_reproduce_dry_run_and_errors(tmp_path):
+    r = CliRunner().invoke(app, ["reproduce", "--preset", "smoke", "--dry-run", "--results-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "table2 (cifar10): 3 runs" in r.output and "table5: skipped" in r.output
+    r = CliRunner().invoke(app, ["reproduce", "table7"])
+    assert r.exit_code == 2 and "unknown table(s) table7" in r.output
+
+
+def test_digits_demo_task_learns_and_records_noise(tmp_path):
+    from bench.runner import execute, make_config
+    cfg = make_config("digits-noise", minimizer="asam", noise=0.4, epochs=3, results_dir=str(tmp_path),
+                      device="cpu")
+    assert (cfg.model, cfg.rho, cfg.eta, cfg.lr) == ("mlp", 0.5, 0.01, 0.05)
+    row = execute(cfg)
+    assert row["status"] == "ok" and row["synthetic"] is False
+    assert row["train_size"] == 1297 and row["test_size"] == 500
+    assert row["realised_noise"] == pytest.approx(0.4, abs=0.05)
+    assert row["max_test_acc"] > 60  # clean test labels: well above the 10 % of chance after 3 epochs
