@@ -76,7 +76,13 @@ def run_cmd(
     weight_decay: Annotated[Optional[float], typer.Option()] = None,
     label_smoothing: Annotated[Optional[float], typer.Option()] = None,
     nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="cosine (per epoch) or constant.")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine (per epoch), constant, inverse_sqrt (per step).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="inverse_sqrt warm-up steps.")] = None,
+    clip_norm: Annotated[Optional[float], typer.Option(help="Clip the update's gradient norm (0: off).")] = None,
+    sync_perturbation: Annotated[Optional[bool], typer.Option(
+        "--sync-perturbation/--local-perturbation",
+        help="Data parallel: all-reduce SAM's first gradient (m = global batch) instead of the default "
+             "per-replica perturbation (m = per-replica batch, SAM paper).")] = None,
     bn_second_pass: Annotated[Optional[str], typer.Option(
         help="update: BatchNorm statistics update in both SAM passes (official); freeze: first pass only.")] = None,
     second_pass_rng: Annotated[Optional[str], typer.Option(
@@ -92,6 +98,7 @@ def run_cmd(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ):
     """Train one model with one minimizer; append a row to <results-dir>/<task>.csv."""
+    from bench import distributed as D
     from bench.registry import get_task
     from bench.runner import execute, make_config
 
@@ -99,15 +106,21 @@ def run_cmd(
         if minimizer is None:
             minimizer = get_task(task).base_optimizer
         settings = {k: v for k, v in locals().items()
-                    if k not in ("task", "quiet", "get_task", "execute", "make_config")}
+                    if k not in ("task", "quiet", "get_task", "execute", "make_config", "D")}
         if settings["workers"] is None:
             settings["workers"] = default_workers()
+        D.init_from_env(device)  # torchrun: join the process group (a no-op in a single process)
+        settings["world_size"] = D.world_size()
         cfg = make_config(task, **settings)
+        quiet = quiet or not D.is_main()
         if not quiet:
             console.print(f"[bold]{cfg.run_id}[/]  {cfg.task} {cfg.model} {cfg.minimizer} rho={cfg.rho} "
                           f"eta={cfg.eta} epochs={cfg.epochs} batch={cfg.batch_size} lr={cfg.lr} "
                           f"seed={cfg.seed}", highlight=False)
-        row = execute(cfg, None if quiet else RichReporter(console))
+        try:
+            row = execute(cfg, None if quiet else RichReporter(console))
+        finally:
+            D.shutdown()
         if not quiet:
             print_rows([row])
 
@@ -255,15 +268,19 @@ def list_cmd():
 def data_fake_cmd(
     name: Annotated[str, typer.Argument(help="Dataset / task name, e.g. cifar10.")],
     out_dir: Annotated[str, typer.Argument(help="Folder to write into (use it as --data-dir).")],
-    train: Annotated[int, typer.Option(help="Training examples.")] = 2000,
-    test: Annotated[int, typer.Option(help="Test examples.")] = 500,
+    train: Annotated[int, typer.Option(help="Training examples (CIFAR).")] = 2000,
+    test: Annotated[int, typer.Option(help="Test examples (CIFAR).")] = 500,
+    classes: Annotated[int, typer.Option(help="Classes (ImageNet).")] = 4,
+    per_class: Annotated[int, typer.Option(help="Training images per class (ImageNet; val gets half).")] = 8,
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Write a small synthetic dataset in the real on-disk format."""
     from bench.registry import get_task
 
     with user_errors():
-        console.print(get_task(name).make_fake(out_dir, train=train, test=test, seed=seed), highlight=False)
+        msg = get_task(name).make_fake(out_dir, train=train, test=test, classes=classes, per_class=per_class,
+                                       seed=seed)
+        console.print(msg, highlight=False)
 
 
 def main() -> None:

@@ -34,7 +34,11 @@ class RunConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
-    schedule: str = "cosine"        # cosine (stepped per epoch, T_max = epochs) | constant
+    schedule: str = "cosine"        # cosine (per epoch, T_max = epochs) | constant | inverse_sqrt (per step)
+    warmup_steps: int = 0           # inverse_sqrt: linear warm-up steps
+    clip_norm: float = 0.0          # clip the update's gradient to this global norm (0: off)
+    sync_perturbation: bool = False  # data parallel: all-reduce SAM's first gradient too (m = global batch)
+    world_size: int = 1             # data-parallel replicas (set from torchrun, not by hand)
     bn_second_pass: str = "update"  # update (official) | freeze
     second_pass_rng: str = "fresh"  # fresh (official) | reuse: dropout/ShakeDrop masks of pass 1 in pass 2
     noise: float = 0.0              # label-noise tasks: symmetric noise rate of the training labels
@@ -64,7 +68,7 @@ FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 # Settings only some tasks use; a task lists the ones it reads in `Task.settings`.
 TASK_SETTINGS = ("noise", "noise_seed")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "inverse_sqrt")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -120,6 +124,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.second_pass_rng in ("fresh", "reuse"),
          f"--second-pass-rng must be 'fresh' or 'reuse', got {cfg.second_pass_rng!r}")
     need(finite(cfg.noise) and 0 <= cfg.noise <= 1, f"--noise must be in [0, 1], got {cfg.noise}")
+    need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    need(finite(cfg.clip_norm) and cfg.clip_norm >= 0, f"--clip-norm must be >= 0, got {cfg.clip_norm}")
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")

@@ -3,9 +3,15 @@
 One step = `minimizer.step(closure)`, where the closure runs forward + backward on the batch and returns
 the first pass's loss and outputs (training metrics come from the unperturbed pass, as in the official
 code). SGD runs call the closure once, SAM/ASAM twice on the same batch.
+
+Under torchrun the model is wrapped in DistributedDataParallel. SAM's first pass (forward and backward)
+runs inside `no_sync()`, so each replica perturbs its weights with its own local gradient (the SAM
+paper's m-sharpness, m = per-replica batch); only the second gradient is averaged. With
+`sync_perturbation` the first gradient is all-reduced too (m = global batch).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -16,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench import distributed as D
 from bench.config import RunConfig
+from bench.data import set_epoch
 from bench.errors import UserError
 from bench.minimizers import Minimizer, create_minimizer
 from bench.task import Job
@@ -30,12 +38,14 @@ class Reporter:
     def end_epoch(self, metrics: dict[str, Any]) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine "
                         "(no GPU or a CPU-only torch build); use --device cpu or --device auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and D.is_distributed():
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -69,26 +79,58 @@ def make_base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimiz
 
 
 def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
+    """(scheduler, stepped per 'epoch' or per 'step')."""
     if cfg.schedule == "cosine":  # stepped once per epoch, T_max = epochs (official CIFAR script)
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs), "epoch"
+    if cfg.schedule == "inverse_sqrt":  # fairseq's: linear warm-up from 0, then lr * sqrt(warmup / step)
+        w = max(cfg.warmup_steps, 1)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: (s + 1) / w if s + 1 < w else math.sqrt(w / (s + 1))), "step"
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), "epoch"
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def forward(model: nn.Module, x):
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
 @torch.no_grad()
-def evaluate_classification(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
-    """Test loss (plain cross entropy, no smoothing) and top-1 accuracy in percent."""
+def evaluate_classification(model: nn.Module, loader, device: torch.device,
+                            topk: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """Test loss (plain cross entropy, no smoothing) and top-k accuracies in percent, summed over ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    sums = torch.zeros(2 + len(topk), device=device, dtype=torch.float64)  # loss, count, correct@k...
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").double()
-        correct += (out.argmax(1) == y).sum()
-        seen += y.shape[0]
-    seen = max(seen, 1)
-    return {"test_loss": loss_sum.item() / seen, "test_acc": 100.0 * correct.item() / seen}
+        x, y = to_device(x, device), to_device(y, device)
+        out = forward(model, x)
+        sums[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+        sums[1] += y.shape[0]
+        top = out.topk(max(topk), dim=1).indices
+        for i, k in enumerate(topk):
+            sums[2 + i] += (top[:, :k] == y[:, None]).any(1).sum()
+    D.all_reduce_sum(sums)
+    n = max(sums[1].item(), 1)
+    metrics = {"test_loss": sums[0].item() / n}
+    for i, k in enumerate(topk):
+        metrics["test_acc" if k == 1 else f"test_top{k}"] = 100.0 * sums[2 + i].item() / n
+    return metrics
+
+
+def ascent_context(net: nn.Module, sync_perturbation: bool):
+    """What wraps SAM's first forward + backward: DDP's no_sync (a per-replica perturbation, the SAM
+    paper's m-sharpness), unless the perturbation is to use the all-reduced gradient."""
+    if isinstance(net, nn.parallel.DistributedDataParallel) and not sync_perturbation:
+        return net.no_sync
+    return contextlib.nullcontext
 
 
 def _sync(device: torch.device) -> None:
@@ -100,48 +142,63 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}."""
     reporter = reporter or Reporter()
     model = job.model.to(device)
+    net: nn.Module = model
+    if D.is_distributed():
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     base = make_base_optimizer(cfg, model)
     minimizer: Minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta,
                                             bn_second_pass=cfg.bn_second_pass,
-                                            second_pass_rng=cfg.second_pass_rng)
-    scheduler = make_scheduler(cfg, base)
-    evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, device))
+                                            second_pass_rng=cfg.second_pass_rng, clip_norm=cfg.clip_norm)
+    first_pass_context = ascent_context(net, cfg.sync_perturbation)
+    scheduler, sched_unit = make_scheduler(cfg, base)
+    evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, device, job.topk))
+    count = job.count or (lambda y: y.shape[0])
 
     history: list[dict[str, Any]] = []
     train_time = 0.0
     status, note = "ok", ""
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        net.train()
+        set_epoch(job.train_loader, epoch - 1)
         reporter.start_epoch(epoch, cfg.epochs, _len(job.train_loader))
         lr = base.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
+        data_time, classifies = 0.0, False
         _sync(device)
         t0 = time.perf_counter()
+        t_data = time.perf_counter()
         for x, y in job.train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(x, device), to_device(y, device)
+            data_time += time.perf_counter() - t_data
 
             def closure():
-                out = model(x)
+                out = forward(net, x)
                 loss = job.loss_fn(out, y)
                 loss.backward()
                 return loss.detach(), out.detach()
 
-            loss, out = minimizer.step(closure)
-            n = y.shape[0]
-            loss_sum += loss.double() * n  # accumulate on device: no host sync per step
-            if out.dim() == 2 and y.dim() == 1:
-                correct += (out.argmax(1) == y).sum()
-            seen += n
+            loss, out = minimizer.step(closure, first_pass_context)
+            if sched_unit == "step":
+                scheduler.step()
+            n = count(y)
+            sums[0] += loss.double() * n  # accumulate on the device: no host sync per step
+            classifies = out.dim() == 2 and y.dim() == 1
+            if classifies:
+                sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += n
             reporter.advance()
+            t_data = time.perf_counter()
         _sync(device)
         epoch_time = time.perf_counter() - t0
         train_time += epoch_time
-        scheduler.step()
-        train_loss = loss_sum.item() / max(seen, 1)
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                                   "train_acc": 100.0 * correct.item() / max(seen, 1)}
+        if sched_unit == "epoch":
+            scheduler.step()
+        D.all_reduce_sum(sums)
+        seen = max(sums[2].item(), 1)
+        train_loss = sums[0].item() / seen
+        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+        if classifies:
+            metrics["train_acc"] = 100.0 * sums[1].item() / seen
         if not math.isfinite(train_loss):
             status, note = "diverged", f"non-finite training loss at epoch {epoch}"
             metrics["epoch_time_s"] = epoch_time
@@ -149,7 +206,10 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
             reporter.end_epoch(metrics)
             break
         metrics.update(evaluate(model))
-        metrics["epoch_time_s"] = epoch_time
+        # data_time: time this process waited for batches; loader_items_per_s: what the loader delivered
+        # while it was being waited on. A data_time close to epoch_time means the GPU starves.
+        metrics.update(epoch_time_s=epoch_time, data_time_s=data_time,
+                       loader_items_per_s=seen / D.world_size() / data_time if data_time > 0 else float("inf"))
         history.append(metrics)
         reporter.end_epoch(metrics)
 
@@ -161,6 +221,8 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
         values = [h[key] for h in history if key in h]
         summary[f"max_{key}"] = max(values) if values else float("nan")
         summary[f"final_{key}"] = values[-1] if values else float("nan")
+    if job.finalize is not None and status == "ok":
+        summary.update(job.finalize(model))
     return summary
 
 

@@ -10,8 +10,9 @@ One step: first forward/backward -> ascent_step() (w += e, grads cleared) -> sec
 w + e -> descent_step() (w -= e, base optimizer step with the second gradient, grads cleared).
 
 Everything is done with fused `torch._foreach_*` kernels: a handful of launches per step whatever the
-number of parameters. The perturbation reuses the first-pass gradient buffers (they are dead after the
-ascent), so SAM/ASAM hold at most one parameter-sized copy more than the base optimizer.
+number of parameters. The perturbation is computed in place in the first-pass gradient buffers (dead after
+the ascent) and the unperturbed weights are kept in one persistent parameter-sized buffer: SAM/ASAM hold
+one copy of the parameters more than the base optimizer.
 
 This module depends on torch only: minimizers see parameters and gradients, never data or files.
 """
@@ -39,9 +40,12 @@ class Minimizer:
 
     passes = 1
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module):
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, clip_norm: float = 0.0):
+        if not clip_norm >= 0:
+            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
         self.base_optimizer = base_optimizer
         self.model = model
+        self.clip_norm = float(clip_norm)  # 0: no clipping; else the update's gradient norm is clipped
 
     @property
     def param_groups(self):  # lets torch.optim.lr_scheduler drive the base optimizer through us
@@ -50,14 +54,21 @@ class Minimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Callable):
+    def step(self, closure: Callable, first_pass_context: Callable = contextlib.nullcontext):
+        """One pass; `first_pass_context` matters only to two-pass minimizers (see SAM.step)."""
         out = closure()
-        self.base_optimizer.step()
-        self.base_optimizer.zero_grad()
+        self._base_step()
         return out
 
+    def _base_step(self) -> None:
+        if self.clip_norm > 0:
+            params = [p for g in self.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
+        self.base_optimizer.step()
+        self.base_optimizer.zero_grad()
+
     def hparams(self) -> dict:
-        return {}
+        return {"clip_norm": self.clip_norm}
 
     def state_dict(self) -> dict:
         return {"base": self.base_optimizer.state_dict(), "hparams": self.hparams()}
@@ -74,8 +85,8 @@ class SAM(Minimizer):
     passes = 2
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.05,
-                 bn_second_pass: str = "update", second_pass_rng: str = "fresh"):
-        super().__init__(base_optimizer, model)
+                 bn_second_pass: str = "update", second_pass_rng: str = "fresh", clip_norm: float = 0.0):
+        super().__init__(base_optimizer, model, clip_norm=clip_norm)
         if not rho >= 0:  # also refuses NaN
             raise ValueError(f"rho must be >= 0, got {rho}")
         if bn_second_pass not in BN_SECOND_PASS:
@@ -86,10 +97,11 @@ class SAM(Minimizer):
         self.bn_second_pass = bn_second_pass
         self.second_pass_rng = second_pass_rng
         self._perturbed: list[torch.Tensor] = []  # parameters moved by the last ascent
-        self._eps: list[torch.Tensor] = []        # ... and by how much
+        self._backup: dict[torch.Tensor, torch.Tensor] = {}  # their unperturbed values (persistent buffers)
 
     def hparams(self) -> dict:
-        return {"rho": self.rho, "bn_second_pass": self.bn_second_pass, "second_pass_rng": self.second_pass_rng}
+        return {**super().hparams(), "rho": self.rho, "bn_second_pass": self.bn_second_pass,
+                "second_pass_rng": self.second_pass_rng}
 
     def _with_grad(self) -> tuple[list[str], list[torch.Tensor]]:
         named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
@@ -111,19 +123,26 @@ class SAM(Minimizer):
         direction, norm = self._scaled_grads(names, params)
         scale = self.rho / (norm + EPS)  # rho / norm first, then times g: the official order of operations
         torch._foreach_mul_(direction, scale)
-        torch._foreach_add_(params, direction)
-        self._perturbed, self._eps = params, direction
-        for p in params:  # the buffers now hold e; the second backward allocates fresh gradients
+        for p in params:
+            if p not in self._backup:  # allocated once, reused every step
+                self._backup[p] = torch.empty_like(p)
+        torch._foreach_copy_([self._backup[p] for p in params], params)
+        torch._foreach_add_(params, direction)  # w + e
+        self._perturbed = params
+        for p in params:  # e is no longer needed: the second backward allocates fresh gradients
             p.grad = None
 
     @torch.no_grad()
     def descent_step(self) -> None:
-        """After the second backward: restore w, step the base optimizer on the second gradient."""
+        """After the second backward: restore w, step the base optimizer on the second gradient.
+
+        w is restored by copying it back, not by subtracting e (the official code's w + e - e): the
+        same value up to one rounding, but exact, so data-parallel replicas whose perturbations differ
+        (m-sharpness) stay bit-identical."""
         if self._perturbed:
-            torch._foreach_sub_(self._perturbed, self._eps)
-        self._perturbed, self._eps = [], []
-        self.base_optimizer.step()
-        self.base_optimizer.zero_grad()
+            torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+        self._perturbed = []
+        self._base_step()
 
     @contextlib.contextmanager
     def second_pass(self) -> Iterator[None]:
@@ -142,12 +161,14 @@ class SAM(Minimizer):
                 for b, s in zip(buffers, saved):
                     b.copy_(s)
 
-    def step(self, closure: Callable):
+    def step(self, closure: Callable, first_pass_context: Callable = contextlib.nullcontext):
         """Both passes on the same batch. Stochastic layers (dropout, ShakeDrop) draw fresh randomness in
         the second pass, as the official code does; with second_pass_rng='reuse' torch's RNG is rewound
-        so the second pass draws exactly the masks of the first."""
+        so the second pass draws exactly the masks of the first. `first_pass_context` wraps the first
+        forward + backward: DistributedDataParallel's `no_sync` there keeps the ascent gradient local."""
         rng = _rng_state() if self.second_pass_rng == "reuse" else None
-        out = closure()
+        with first_pass_context():
+            out = closure()
         self.ascent_step()
         if rng is not None:
             _set_rng_state(rng)
@@ -173,9 +194,10 @@ class ASAM(SAM):
     """Adaptive SAM (Kwon et al., 2021), element-wise normalisation with p = 2, as the official code."""
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, rho: float = 0.5,
-                 eta: float = 0.01, bn_second_pass: str = "update", second_pass_rng: str = "fresh"):
+                 eta: float = 0.01, bn_second_pass: str = "update", second_pass_rng: str = "fresh",
+                 clip_norm: float = 0.0):
         super().__init__(base_optimizer, model, rho=rho, bn_second_pass=bn_second_pass,
-                         second_pass_rng=second_pass_rng)
+                         second_pass_rng=second_pass_rng, clip_norm=clip_norm)
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)

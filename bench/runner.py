@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
+import torch
+
+from bench import distributed as D
 from typing import Any
 
 from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
@@ -16,7 +20,7 @@ def make_config(task_name: str, **overrides: Any) -> RunConfig:
     """The task's recipe defaults overridden by the given non-None settings, checked."""
     task = get_task(task_name)
     model = overrides.get("model") or task.recipe().get("model")
-    if model not in task.models():
+    if not task.has_model(model):
         raise UserError(f"unknown model {model!r} for task {task_name}; choose one of: "
                         f"{', '.join(task.models())}")
     minimizer = overrides.get("minimizer")
@@ -42,20 +46,27 @@ def run_dir(cfg: RunConfig) -> Path:
 def execute(cfg: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Train one run and append its row to <results_dir>/<task>.csv; return the row."""
     task = get_task(cfg.task)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)  # before the task builds the model: initialisation depends on it
+    if cfg.world_size != D.world_size():
+        raise UserError(f"the config says world_size={cfg.world_size} but {D.world_size()} processes run; "
+                        "leave world_size to torchrun")
+    device = resolve_device(cfg.device, D.local_rank())
+    seed_everything(cfg.seed)  # before the task builds the model: the same initialisation on every rank
     t0 = time.perf_counter()
     job = task.build(cfg, device)
-    summary = train(cfg, job, device, reporter)
+    if D.is_distributed():  # dropout / ShakeDrop / in-process augmentation: a different stream per rank
+        torch.manual_seed(cfg.seed + 1_000_003 * D.rank())
+    summary = train(cfg, job, device, reporter if D.is_main() else None)
     wall = time.perf_counter() - t0
 
     epochs = summary.pop("epochs")
-    out = run_dir(cfg)
-    write_csv(out / "epochs.csv", epochs)
     row: dict[str, Any] = {"run_id": cfg.run_id, "status": summary.pop("status"),
-                           "synthetic": job.synthetic, **cfg.to_row(), **job.info, **summary,
-                           "wall_time_s": wall, **provenance(device_name(device))}
-    append_row(results_csv(cfg), row)
+                           "synthetic": job.synthetic, **cfg.to_row(), **job.info,
+                           "per_replica_batch": cfg.batch_size, "global_batch": cfg.batch_size * cfg.world_size,
+                           **summary, "wall_time_s": wall, **provenance(device_name(device))}
+    if D.is_main():  # only rank 0 writes results
+        write_csv(run_dir(cfg) / "epochs.csv", epochs)
+        append_row(results_csv(cfg), row)
+    D.barrier()
     return row
 
 

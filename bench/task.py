@@ -21,6 +21,9 @@ class Job:
     num_train: int                    # training examples per epoch (for images/s)
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # None: classification accuracy
     track: tuple[str, ...] = ("test_acc",)  # metrics whose max and final value go into the results row
+    topk: tuple[int, ...] = (1,)      # default evaluation: top-k accuracies (test_acc, test_top5, ...)
+    count: Callable | None = None     # examples in a target batch for averaging (default: y.shape[0])
+    finalize: Callable[[nn.Module], dict[str, Any]] | None = None  # after training: extra row metrics
     synthetic: bool = False           # trained on generated data: never mixed with real runs in reports
     info: dict[str, Any] = field(default_factory=dict)  # extra task facts for the results row
 
@@ -45,6 +48,9 @@ class Task:
 
     def models(self) -> list[str]:
         return list(self.recipe().get("models", []))
+
+    def has_model(self, name: str) -> bool:
+        return name in self.models()
 
     def minimizers(self) -> list[str]:
         from bench.minimizers import MINIMIZERS

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
+from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
 from bench.task import Job, Task, load_toml
@@ -93,13 +94,10 @@ class CifarTask(Task):
 
     def build(self, cfg, device: torch.device) -> Job:
         train_set, test_set = self.datasets(cfg)
-        loader_kw: dict[str, Any] = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda"}
-        if cfg.workers > 0:
-            loader_kw["persistent_workers"] = True
-        train = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                                            generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-        test = torch.utils.data.DataLoader(test_set, batch_size=max(cfg.batch_size, 256), shuffle=False,
-                                           **loader_kw)
+        train = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+                            device=device)
+        test = make_loader(test_set, max(cfg.batch_size, 256), train=False, seed=cfg.seed, workers=cfg.workers,
+                           device=device)
         model = create_model(cfg.model, num_classes=self.num_classes)
         return Job(model=model, train_loader=train, test_loader=test, loss_fn=make_loss(cfg.label_smoothing),
                    num_train=len(train_set), synthetic=is_synthetic(cfg.data_dir, self.dataset),

@@ -16,7 +16,10 @@ def tiny_tables():
     t6 = dict(TABLES["table6"])
     t6["presets"] = {"smoke": {"models": ["resnet20"], "noise": [0.2, 0.4], "seeds": 1, "synthetic": [16, 8],
                                "settings": {"epochs": 1, "batch_size": 8}}}
-    return {"table6": t6, "table4": TABLES["table4"]}
+    return {"table6": t6, "tableX": UNBUILT}
+
+
+UNBUILT = {**TABLES["table5"], "task": "speech-to-llama", "presets": {"smoke": {"seeds": 1}, "full": {"seeds": 2}}}
 
 
 def test_full_plan_matches_the_paper_matrix(tmp_path):
@@ -27,7 +30,8 @@ def test_full_plan_matches_the_paper_matrix(tmp_path):
     assert {(c.minimizer, c.rho) for c in t3} == {("sgd", 0.0), ("sam", 0.1), ("asam", 1.0)}
     assert {c.noise for c in plans["table6"].runs} == {0.2, 0.4, 0.6, 0.8}
     assert all(c.epochs == 200 and c.batch_size == 128 for c in t3)
-    assert "not built yet" in plans["table4"].skipped and "not built yet" in plans["table5"].skipped
+    assert not plans["table4"].skipped and len(plans["table4"].runs) == 3 * 3
+    assert plan({"tableX": UNBUILT}, [], "full")[0].skipped == "task 'speech-to-llama' is not built yet (6 runs not planned)"
     assert "demo" not in plans  # the demo table has no full preset
     assert len(plan(TABLES, ["table2"], "full", seeds=2, results_dir=str(tmp_path))[0].runs) == 8 * 3 * 2
 
@@ -44,7 +48,7 @@ def test_bad_arguments():
 def test_sweep_is_resumable_idempotent_and_forceable(tmp_path):
     res = str(tmp_path / "res")
     plans = plan(tiny_tables(), [], "smoke", results_dir=res, workers=0)
-    assert [p.name for p in plans] == ["table6", "table4"] and "not built yet" in plans[1].skipped
+    assert [p.name for p in plans] == ["table6", "tableX"] and "not built yet" in plans[1].skipped
     first = plans[0].todo[:2]
     plans[0].runs = first  # "interrupted" after two runs
     assert run_plan(plans)["ok"] == 2
@@ -83,10 +87,10 @@ def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
 
 def test_dry_run_lists_runs_skips_and_measured_speed(tmp_path):
     from bench.results import append_row
-    plans = plan(TABLES, ["table2", "table4"], "full", results_dir=str(tmp_path))
+    plans = plan({**TABLES, "tableX": UNBUILT}, ["table2", "tableX"], "full", results_dir=str(tmp_path))
     text = "\n".join(describe(plans, tmp_path))
     assert "table2 (cifar10): 120 runs, 0 already done, 120 to run; GPU-h unknown" in text
-    assert "table4: skipped: task 'imagenet' is not built yet" in text
+    assert "tableX: skipped: task 'speech-to-llama' is not built yet" in text
     # a measured GPU row gives an estimate: 30 s/epoch x 200 epochs = 1.67 h per run, 5 seeds of one cell
     append_row(tmp_path / "cifar10.csv", {"run_id": "x", "status": "ok", "synthetic": False, "task": "cifar10",
                                           "model": "wrn28_10", "minimizer": "asam", "epochs_done": 2,
@@ -99,7 +103,7 @@ def test_dry_run_lists_runs_skips_and_measured_speed(tmp_path):
 def test_cli_reproduce_dry_run_and_errors(tmp_path):
     r = CliRunner().invoke(app, ["reproduce", "--preset", "smoke", "--dry-run", "--results-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    assert "table2 (cifar10): 3 runs" in r.output and "table5: skipped" in r.output
+    assert "table2 (cifar10): 3 runs" in r.output and "table4 (imagenet): 3 runs" in r.output
     r = CliRunner().invoke(app, ["reproduce", "table7"])
     assert r.exit_code == 2 and "unknown table(s) table7" in r.output
 
