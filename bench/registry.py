@@ -13,15 +13,17 @@ from bench.errors import UserError
 from bench.task import Task
 
 _TASKS: dict[str, Task] = {}
+_ALIASES: dict[str, str] = {}  # other names a task answers to (e.g. a dataset name for `bench data`)
 _loaded = False
 
 
-def register_task(name: str, **kwargs):
+def register_task(name: str, aliases: tuple[str, ...] = (), **kwargs):
     """Class decorator: `@register_task("cifar10", dataset="cifar10")` registers one instance."""
     def deco(cls: type[Task]) -> type[Task]:
-        if name in _TASKS:
+        if name in _TASKS or name in _ALIASES:
             raise ValueError(f"task {name!r} registered twice")
         _TASKS[name] = cls(name, **kwargs)
+        _ALIASES.update({a: name for a in aliases})
         return cls
     return deco
 
@@ -48,11 +50,12 @@ def task_names() -> list[str]:
 
 def has_task(name: str) -> bool:
     _load()
-    return name in _TASKS
+    return name in _TASKS or name in _ALIASES
 
 
 def get_task(name: str) -> Task:
     _load()
+    name = _ALIASES.get(name, name)
     if name not in _TASKS:
         raise UserError(f"unknown task {name!r}; choose one of: {', '.join(sorted(_TASKS))}")
     return _TASKS[name]
