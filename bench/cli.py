@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.engine import Reporter, default_workers
+from bench.config import DEFAULTS as RUN_DEFAULTS
+from bench.engine import Interrupted, Reporter, StopFlag, default_workers
 from bench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -28,7 +29,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        msg = str(e)
+        if "Original Traceback" in msg:  # raised in a DataLoader worker: keep the message, not the trace
+            msg = msg.strip().rsplit("UserError: ", 1)[-1]
+        err_console.print(f"error: {msg}", style="bold red", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(2)
 
 
@@ -96,17 +100,31 @@ def run_cmd(
     download: Annotated[bool, typer.Option(help="Download the dataset if it is missing.")] = False,
     results_dir: Annotated[str, typer.Option(help="Where <task>.csv and runs/ go.")] = "results",
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    config: Annotated[Optional[str], typer.Option(help="TOML file of settings (RunConfig field names); "
+                                                       "flags given on the command line win.")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard this run's checkpoint and start over.")] = False,
+    keep_checkpoint: Annotated[bool, typer.Option(help="Keep runs/<run_id>/checkpoint.pt after the run.")] = False,
 ):
-    """Train one model with one minimizer; append a row to <results-dir>/<task>.csv."""
+    """Train one model with one minimizer; append a row to <results-dir>/<task>.csv.
+
+    An interrupted run resumes from its last epoch checkpoint when started again with the same settings.
+    Ctrl-C once: finish the epoch, checkpoint, stop; twice: stop now (the last checkpoint stays)."""
     from bench import distributed as D
     from bench.registry import get_task
     from bench.runner import execute, make_config
 
     with user_errors():
-        if minimizer is None:
-            minimizer = get_task(task).base_optimizer
         settings = {k: v for k, v in locals().items()
-                    if k not in ("task", "quiet", "get_task", "execute", "make_config", "D")}
+                    if k not in ("task", "quiet", "get_task", "execute", "make_config", "D", "config", "restart",
+                                 "keep_checkpoint")}
+        if config:
+            from bench.config import read_config_file
+            file_settings = read_config_file(config)
+            for key, value in file_settings.items():
+                if settings.get(key) is None or settings[key] == RUN_DEFAULTS.get(key):
+                    settings[key] = value
+        if settings["minimizer"] is None:
+            settings["minimizer"] = get_task(task).base_optimizer
         if settings["workers"] is None:
             settings["workers"] = default_workers()
         D.init_from_env(device)  # torchrun: join the process group (a no-op in a single process)
@@ -117,12 +135,47 @@ def run_cmd(
             console.print(f"[bold]{cfg.run_id}[/]  {cfg.task} {cfg.model} {cfg.minimizer} rho={cfg.rho} "
                           f"eta={cfg.eta} epochs={cfg.epochs} batch={cfg.batch_size} lr={cfg.lr} "
                           f"seed={cfg.seed}", highlight=False)
+        stop = StopFlag()
         try:
-            row = execute(cfg, None if quiet else RichReporter(console))
+            with graceful_sigint(stop):
+                row = execute(cfg, None if quiet else RichReporter(console), restart=restart,
+                              keep_checkpoint=keep_checkpoint, stop=stop,
+                              log=lambda m: console.print(m, highlight=False) if not quiet else None)
+        except Interrupted as e:
+            err_console.print(f"interrupted: {e}; checkpoint saved. Run the same command again to resume.",
+                              highlight=False)
+            raise typer.Exit(130)
+        except KeyboardInterrupt:
+            err_console.print("interrupted: stopped at once; the last epoch checkpoint stays. Run the same "
+                              "command again to resume.", highlight=False)
+            raise typer.Exit(130)
         finally:
             D.shutdown()
         if not quiet:
             print_rows([row])
+
+
+@contextlib.contextmanager
+def graceful_sigint(stop):
+    """First Ctrl-C: ask the run to stop at the end of the epoch (after its checkpoint). Second: stop now."""
+    import signal
+
+    def handler(signum, frame):
+        if stop.set:
+            raise KeyboardInterrupt
+        stop.set = True
+        err_console.print("Ctrl-C: finishing this epoch, then saving and stopping (Ctrl-C again: stop now)",
+                          highlight=False)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (e.g. inside a test runner): no handler
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:

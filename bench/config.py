@@ -129,3 +129,20 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Settings from a TOML file whose keys are RunConfig fields; anything else is refused."""
+    from bench.task import load_toml
+    try:
+        values = load_toml(path)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found") from None
+    except Exception as e:  # tomllib.TOMLDecodeError and friends
+        raise UserError(f"config file {path} is not valid TOML ({' '.join(str(e).split())})") from None
+    unknown = sorted(set(values) - set(FIELD_NAMES) - {"task"})
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s) {', '.join(unknown)}; valid keys: "
+                        f"{', '.join(f for f in FIELD_NAMES if f not in ('task', 'world_size'))}")
+    values.pop("task", None)
+    return values

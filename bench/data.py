@@ -2,29 +2,77 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench import distributed as D
 
 
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, index, ...), stable across processes and runs."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler(Sampler):
+    """Training order: one permutation per epoch from (seed, epoch), padded to a multiple of the world size
+    and split into disjoint shards (rank r takes r, r + W, ...). Yields (epoch, index) pairs so that the
+    dataset (SeededItems) can seed each example's augmentation, even inside persistent worker processes."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.world = D.rank(), D.world_size()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        order = torch.cat([order, order[:len(self) * self.world - self.n]])  # equal shards for DDP
+        return iter([(self.epoch, i) for i in order[self.rank::self.world].tolist()])
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that example i of epoch e is augmented with torch's RNG seeded from
+    (seed, e, i): augmentation no longer depends on the number of workers, on which worker loads an
+    example, or on whether the run was resumed, so a resumed run is bit-identical to an uninterrupted one."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout, ...) untouched
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            return self.base[index]
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,
                 device: torch.device, collate_fn=None) -> DataLoader:
-    """A DataLoader that keeps a GPU fed: worker processes, pinned memory, persistent workers, prefetching.
-
-    Under data parallelism the training set is split by DistributedSampler (one permutation per epoch
-    from `seed`, a disjoint shard per rank) and the evaluation set by ShardSampler (no duplicates). The
-    worker seeds (augmentation) differ per rank; the model initialisation does not (see runner)."""
+    """A DataLoader that keeps a GPU fed (worker processes, pinned memory, persistent workers, prefetching)
+    and whose batches depend only on (seed, epoch): see EpochSampler and SeededItems. Evaluation data is
+    sharded across ranks without padding (ShardSampler), so every example counts once."""
     kw: dict = {"num_workers": workers, "pin_memory": device.type == "cuda", "collate_fn": collate_fn}
     if workers > 0:
         kw.update(persistent_workers=True, prefetch_factor=4)
-    gen = torch.Generator().manual_seed(seed * 7919 + D.rank())
     if train:
-        if D.is_distributed():
-            sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=gen, **kw)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, **kw)
+        return DataLoader(SeededItems(dataset, seed), batch_size=batch_size,
+                          sampler=EpochSampler(len(dataset), seed), **kw)
     sampler = D.ShardSampler(len(dataset)) if D.is_distributed() else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, **kw)
+
+
+def base_dataset(loader) -> Dataset:
+    """The task's own dataset behind a loader (unwrapping SeededItems)."""
+    ds = loader.dataset
+    return ds.base if isinstance(ds, SeededItems) else ds
 
 
 def set_epoch(loader, epoch: int) -> None:
@@ -64,7 +112,7 @@ class TensorLoader:
     def __iter__(self):
         n = self.x.shape[0]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)

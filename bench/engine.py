@@ -15,7 +15,9 @@ import contextlib
 import math
 import os
 import random
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,8 +140,68 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}."""
+class Interrupted(Exception):
+    """SIGINT during training: the run stopped at an epoch boundary after saving its checkpoint."""
+
+
+class StopFlag:
+    """Set by the first SIGINT: the run finishes the current epoch, checkpoints, and stops."""
+
+    def __init__(self):
+        self.set = False
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save through a temporary file and an atomic rename: a kill leaves the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path, run_id: str) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("not a sambench checkpoint")
+    except Exception as e:  # truncated, corrupt, or not ours
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or pass --restart "
+                        "to start this run over") from None
+    if state.get("run_id") != run_id:
+        raise UserError(f"checkpoint {path} belongs to run {state.get('run_id')}, not {run_id}; "
+                        "delete it or pass --restart")
+    return state
+
+
+def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | None = None,
+          checkpoint: Path | None = None, on_epoch=None, stop: StopFlag | None = None) -> dict[str, Any]:
+    """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}.
+
+    With `checkpoint`, the state after every epoch (model, minimizer and base optimizer, scheduler, epoch,
+    RNG states, metrics so far) is saved there atomically, and an existing checkpoint is resumed from:
+    the batches of an epoch depend only on (seed, epoch), so a resumed run is bit-identical to an
+    uninterrupted one. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv)."""
     reporter = reporter or Reporter()
     model = job.model.to(device)
     net: nn.Module = model
@@ -157,7 +219,21 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     history: list[dict[str, Any]] = []
     train_time = 0.0
     status, note = "ok", ""
-    for epoch in range(1, cfg.epochs + 1):
+    start = 1
+    resumed_from = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint, cfg.run_id)
+        model.load_state_dict(state["model"])
+        minimizer.load_state_dict(state["minimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, train_time = state["history"], state["train_time"]
+        status, note = state.get("status", "ok"), state.get("note", "")
+        _set_rng_state(state["rng"])
+        resumed_from = state["epoch"]  # epochs already done
+        start = resumed_from + 1
+    for epoch in range(start, cfg.epochs + 1):
+        if status != "ok":
+            break
         net.train()
         set_epoch(job.train_loader, epoch - 1)
         reporter.start_epoch(epoch, cfg.epochs, _len(job.train_loader))
@@ -202,18 +278,25 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
         if not math.isfinite(train_loss):
             status, note = "diverged", f"non-finite training loss at epoch {epoch}"
             metrics["epoch_time_s"] = epoch_time
-            history.append(metrics)
-            reporter.end_epoch(metrics)
-            break
-        metrics.update(evaluate(model))
-        # data_time: time this process waited for batches; loader_items_per_s: what the loader delivered
-        # while it was being waited on. A data_time close to epoch_time means the GPU starves.
-        metrics.update(epoch_time_s=epoch_time, data_time_s=data_time,
-                       loader_items_per_s=seen / D.world_size() / data_time if data_time > 0 else float("inf"))
+        else:
+            metrics.update(evaluate(model))
+            # data_time: time this process waited for batches; loader_items_per_s: what the loader delivered
+            # while it was being waited on. A data_time close to epoch_time means the GPU starves.
+            metrics.update(epoch_time_s=epoch_time, data_time_s=data_time,
+                           loader_items_per_s=seen / D.world_size() / data_time if data_time > 0 else float("inf"))
         history.append(metrics)
         reporter.end_epoch(metrics)
+        if checkpoint is not None and D.is_main():
+            save_checkpoint(checkpoint, {
+                "version": 1, "run_id": cfg.run_id, "epoch": epoch, "model": model.state_dict(),
+                "minimizer": minimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                "history": history, "train_time": train_time, "status": status, "note": note})
+        if on_epoch is not None:
+            on_epoch(history)
+        if stop is not None and stop.set and epoch < cfg.epochs and status == "ok":
+            raise Interrupted(f"stopped after epoch {epoch} of {cfg.epochs}")
 
-    summary: dict[str, Any] = {"status": status, "note": note, "epochs": history,
+    summary: dict[str, Any] = {"status": status, "note": note, "epochs": history, "resumed_from": resumed_from,
                                "epochs_done": len(history), "train_time_s": train_time,
                                "images_per_s": job.num_train * len(history) / train_time if train_time else 0.0,
                                "final_train_loss": history[-1]["train_loss"] if history else float("nan")}

@@ -27,13 +27,24 @@ LAYOUT = "<data-dir>/train/<wnid>/*.JPEG and <data-dir>/val/<wnid>/*.JPEG"
 SYNTHETIC_MARKER = "SYNTHETIC"
 
 
+def load_image(path: str):
+    """torchvision's PIL loader, with a broken file reported as one line that names it."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"broken image {path} ({type(e).__name__}: {' '.join(str(e).split())}); "
+                        "replace or remove it") from None
+
+
 def load_split(root: Path, split: str, transform) -> datasets.ImageFolder:
     folder = root / split
     if not folder.is_dir():
         raise UserError(f"ImageNet {split} folder not found at {folder}; expected {LAYOUT} "
                         "(pass --data-dir, or `bench data fake imagenet DIR` for synthetic data)")
     try:
-        return datasets.ImageFolder(str(folder), transform=transform)
+        return datasets.ImageFolder(str(folder), transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"malformed ImageNet {split} folder {folder} ({' '.join(str(e).split())}); "
                         f"expected {LAYOUT}") from None

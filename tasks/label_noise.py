@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.data import base_dataset
 from bench.registry import register_task
 from bench.task import Job, load_toml
 from tasks.cifar import CifarTask
@@ -49,5 +50,5 @@ class LabelNoiseTask(CifarTask):
 
     def build(self, cfg, device: torch.device) -> Job:
         job = super().build(cfg, device)
-        job.info["realised_noise"] = job.train_loader.dataset.realised_noise
+        job.info["realised_noise"] = base_dataset(job.train_loader).realised_noise
         return job
