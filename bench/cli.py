@@ -93,6 +93,11 @@ def run_cmd(
         help="fresh: dropout/ShakeDrop draw new masks in the second SAM pass (official); reuse: the same.")] = None,
     noise: Annotated[Optional[float], typer.Option(help="Label-noise tasks: symmetric noise rate.")] = None,
     noise_seed: Annotated[Optional[int], typer.Option(help="Label-noise tasks: seed of the corruption.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 (faithful default) or bf16 (autocast).")] = None,
+    loader: Annotated[Optional[str], typer.Option(
+        help="CIFAR data path: auto (device on CUDA, else torchvision), torchvision, device.")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data-loader worker processes.")] = None,
@@ -232,6 +237,40 @@ def reproduce_cmd(
 
         counts = run_plan(plans, start, end)
         console.print("done: " + ", ".join(f"{v} {k}" for k, v in counts.items()), highlight=False)
+
+
+@app.command("perf")
+def perf_cmd(
+    task: Annotated[str, typer.Option(help="Task whose model zoo to time (CIFAR-shaped batches).")] = "cifar10",
+    model: Annotated[str, typer.Option()] = "wrn28_10",
+    batch_size: Annotated[int, typer.Option()] = 128,
+    steps: Annotated[int, typer.Option(help="Timed steps per minimizer (after warm-up).")] = 20,
+    warmup: Annotated[int, typer.Option()] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    peer: Annotated[bool, typer.Option(help="Also time pytorch-optimizer's SAM (pip install "
+                                            "'sambench[peer]').")] = False,
+    results_dir: Annotated[str, typer.Option(help="Appends to <results-dir>/perf.csv.")] = "results",
+):
+    """Time SGD, SAM and ASAM steps side by side (interleaved, same model and batch) on one device."""
+    from bench.engine import resolve_device
+    from bench.perf import append_perf_rows, format_table, measure
+    from bench.registry import get_task
+
+    with user_errors():
+        t = get_task(task)
+        if not t.has_model(model):
+            raise UserError(f"unknown model {model!r} for task {task}; choose one of: {', '.join(t.models())}")
+        dev = resolve_device(device)
+        rec = t.recipe(model)
+        rho = rec.get("rho_by_minimizer", {})
+        rows = measure(model, t.num_classes, batch_size, steps, dev, precision=precision, warmup=warmup,
+                       peer=peer, sam_rho=rho.get("sam", 0.05), asam_rho=rho.get("asam", 0.5),
+                       asam_eta=rec.get("eta_by_minimizer", {}).get("asam", 0.01),
+                       builder=lambda: t.make_model(model))
+        path = append_perf_rows(rows, results_dir)
+        console.print(format_table(rows), highlight=False, markup=False)
+        console.print(f"appended {len(rows)} rows to {path}", highlight=False)
 
 
 @app.command("report")

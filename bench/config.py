@@ -15,7 +15,7 @@ from typing import Any
 from bench.errors import UserError
 
 # Settings that say where or how fast a run happens, not what it computes: left out of the run id.
-NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir")
+NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir", "loader", "channels_last", "compile")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class RunConfig:
     clip_norm: float = 0.0          # clip the update's gradient to this global norm (0: off)
     sync_perturbation: bool = False  # data parallel: all-reduce SAM's first gradient too (m = global batch)
     world_size: int = 1             # data-parallel replicas (set from torchrun, not by hand)
+    precision: str = "fp32"         # fp32 (faithful) | bf16 (autocast; SAM/ASAM norms and e stay fp32)
+    loader: str = "auto"            # auto | torchvision | device (GPU-resident data + GPU augmentation)
+    channels_last: bool = False     # conv nets: NHWC memory format
+    compile: bool = False           # torch.compile the model
     bn_second_pass: str = "update"  # update (official) | freeze
     second_pass_rng: str = "fresh"  # fresh (official) | reuse: dropout/ShakeDrop masks of pass 1 in pass 2
     noise: float = 0.0              # label-noise tasks: symmetric noise rate of the training labels
@@ -124,6 +128,9 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.second_pass_rng in ("fresh", "reuse"),
          f"--second-pass-rng must be 'fresh' or 'reuse', got {cfg.second_pass_rng!r}")
     need(finite(cfg.noise) and 0 <= cfg.noise <= 1, f"--noise must be in [0, 1], got {cfg.noise}")
+    need(cfg.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    need(cfg.loader in ("auto", "torchvision", "device"),
+         f"--loader must be auto, torchvision or device, got {cfg.loader!r}")
     need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
     need(finite(cfg.clip_norm) and cfg.clip_norm >= 0, f"--clip-norm must be >= 0, got {cfg.clip_norm}")
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")

@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from bench.config import RunConfig
 from bench.data import set_epoch
 from bench.errors import UserError
 from bench.minimizers import Minimizer, create_minimizer
+from bench.results import atomic_replace
 from bench.task import Job
 
 
@@ -166,18 +166,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save through a temporary file and an atomic rename: a kill leaves the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_replace(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict[str, Any]:
@@ -204,9 +193,13 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     uninterrupted one. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv)."""
     reporter = reporter or Reporter()
     model = job.model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model
+    if cfg.compile:  # the minimizer keeps the uncompiled module: same parameters, names without prefixes
+        net = torch.compile(model)
     if D.is_distributed():
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     base = make_base_optimizer(cfg, model)
     minimizer: Minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta,
                                             bn_second_pass=cfg.bn_second_pass,
@@ -215,6 +208,8 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     scheduler, sched_unit = make_scheduler(cfg, base)
     evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, device, job.topk))
     count = job.count or (lambda y: y.shape[0])
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
 
     history: list[dict[str, Any]] = []
     train_time = 0.0
@@ -248,8 +243,9 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
             data_time += time.perf_counter() - t_data
 
             def closure():
-                out = forward(net, x)
-                loss = job.loss_fn(out, y)
+                with autocast:  # bf16: forward and loss only; gradients land in the fp32 parameters
+                    out = forward(net, x)
+                    loss = job.loss_fn(out, y)
                 loss.backward()
                 return loss.detach(), out.detach()
 

@@ -68,12 +68,18 @@ def read_header(path: Path) -> list[str]:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write a whole file through a temporary file in the same folder and an atomic rename."""
+    """Write a whole text file through a temporary file in the same folder and an atomic rename."""
+    atomic_replace(path, lambda f: f.write(text.encode()))
+
+
+def atomic_replace(path: Path, write) -> None:
+    """Call `write(binary_file)` on a temporary file beside `path`, fsync it, and rename it over `path`:
+    a crash at any point leaves the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -59,6 +59,11 @@ class Task:
     def build(self, cfg, device: torch.device) -> Job:
         raise NotImplementedError
 
+    def make_model(self, name: str) -> nn.Module:
+        """A freshly initialised model of this task (for `bench perf`)."""
+        from bench.errors import UserError
+        raise UserError(f"task {self.name!r} cannot build a model on its own for `bench perf`")
+
     def make_fake(self, out_dir: str, **options: Any) -> str:
         """Write a small synthetic dataset in the real on-disk format; return a one-line summary."""
         from bench.errors import UserError

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
+from bench.augment import DeviceCifarLoader
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
@@ -94,18 +95,41 @@ class CifarTask(Task):
 
     def build(self, cfg, device: torch.device) -> Job:
         train_set, test_set = self.datasets(cfg)
-        train = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
-                            device=device)
-        test = make_loader(test_set, max(cfg.batch_size, 256), train=False, seed=cfg.seed, workers=cfg.workers,
-                           device=device)
+        if use_device_loader(cfg, device):
+            spec = RECIPE[self.dataset]
+            kw = dict(mean=spec["mean"], std=spec["std"], seed=cfg.seed, device=device,
+                      channels_last=cfg.channels_last)
+            train = DeviceCifarLoader(train_set.data, train_set.targets, cfg.batch_size, train=True, **kw)
+            test = DeviceCifarLoader(test_set.data, test_set.targets, max(cfg.batch_size, 256), train=False, **kw)
+        else:
+            train = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+                                device=device)
+            test = make_loader(test_set, max(cfg.batch_size, 256), train=False, seed=cfg.seed,
+                               workers=cfg.workers, device=device)
         model = create_model(cfg.model, num_classes=self.num_classes)
         return Job(model=model, train_loader=train, test_loader=test, loss_fn=make_loss(cfg.label_smoothing),
                    num_train=len(train_set), synthetic=is_synthetic(cfg.data_dir, self.dataset),
-                   info={"train_size": len(train_set), "test_size": len(test_set)})
+                   info={"train_size": len(train_set), "test_size": len(test_set), **self.dataset_info(train_set)})
+
+    def make_model(self, name: str) -> nn.Module:
+        return create_model(name, num_classes=self.num_classes)
+
+    def dataset_info(self, train) -> dict[str, Any]:
+        """Extra facts about the training set for the results row (label noise: the realised rate)."""
+        return {}
 
     def make_fake(self, out_dir: str, train: int = 2000, test: int = 500, seed: int = 0, **_: Any) -> str:
         path = write_fake_cifar(out_dir, self.dataset, train, test, seed)
         return f"wrote synthetic {self.dataset} ({train} train / {test} test images) to {path}"
+
+
+def use_device_loader(cfg, device: torch.device) -> bool:
+    """The GPU-resident loader: asked for, or automatic on CUDA in a single process."""
+    from bench import distributed as D
+    if cfg.loader == "device" and D.is_distributed():
+        raise UserError("--loader device does not shard data across torchrun replicas yet; use --loader "
+                        "torchvision (the default under torchrun)")
+    return cfg.loader == "device" or (cfg.loader == "auto" and device.type == "cuda" and not D.is_distributed())
 
 
 register_task("cifar10", dataset="cifar10",

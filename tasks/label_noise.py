@@ -10,11 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
-from bench.data import base_dataset
 from bench.registry import register_task
-from bench.task import Job, load_toml
+from bench.task import load_toml
 from tasks.cifar import CifarTask
 
 NOISE_RECIPE = load_toml(Path(__file__).with_name("label_noise.toml"))
@@ -45,10 +42,8 @@ class LabelNoiseTask(CifarTask):
         noisy, realised = symmetric_noise(train.targets, self.num_classes, cfg.noise, cfg.noise_seed)
         train.clean_targets = list(train.targets)
         train.targets = noisy.tolist()
-        train.realised_noise = realised
+        train.realised_noise = realised  # the row records the realised rate (dataset_info)
         return train, test
 
-    def build(self, cfg, device: torch.device) -> Job:
-        job = super().build(cfg, device)
-        job.info["realised_noise"] = base_dataset(job.train_loader).realised_noise
-        return job
+    def dataset_info(self, train) -> dict[str, Any]:
+        return {"realised_noise": train.realised_noise}

@@ -72,3 +72,31 @@ def test_recipe_defaults_per_dataset():
     assert (c10.label_smoothing, c10.schedule, c10.nesterov, c10.model) == (0.1, "cosine", False, "resnet20")
     sgd = make_config("cifar10", minimizer="sgd", lr=0.05, epochs=3)
     assert (sgd.rho, sgd.lr, sgd.epochs) == (0.0, 0.05, 3)
+
+
+@pytest.mark.parametrize("extra", [["--loader", "device"], ["--precision", "bf16", "--channels-last"],
+                                   ["--loader", "device", "--minimizer", "asam", "--precision", "bf16"]])
+def test_fast_path_options_run_on_cpu(fake_cifar10, tmp_path, extra):
+    """The GPU-fast options (device-resident loader, bf16 autocast, channels_last) on the CPU."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    args = ["run", "cifar10", "--minimizer", "sam", "--epochs", "1", "--batch-size", "64", "--workers", "0",
+            "--data-dir", str(fake_cifar10), "--results-dir", str(tmp_path), "--quiet", "--device", "cpu", *extra]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    row = pd.read_csv(tmp_path / "cifar10.csv").iloc[0]
+    assert row.status == "ok" and row.train_size == 200
+    assert row.precision == ("bf16" if "bf16" in extra else "fp32")
+
+
+def test_device_loader_is_chosen_automatically_only_on_cuda(fake_cifar10):
+    from bench.augment import DeviceCifarLoader
+    from bench.registry import get_task
+    task = get_task("cifar10")
+    cfg = make_config("cifar10", minimizer="sgd", data_dir=str(fake_cifar10), workers=0)
+    assert not isinstance(task.build(cfg, torch.device("cpu")).train_loader, DeviceCifarLoader)
+    cfg = make_config("cifar10", minimizer="sgd", data_dir=str(fake_cifar10), workers=0, loader="device")
+    job = task.build(cfg, torch.device("cpu"))
+    assert isinstance(job.train_loader, DeviceCifarLoader) and len(job.train_loader.dataset) == 200
