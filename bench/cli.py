@@ -231,8 +231,8 @@ def reproduce_cmd(
                           f"seed={cfg.seed})", highlight=False, end=" ")
 
         def end(row):
-            metric = row.get("max_test_acc")
-            shown = f"max_test_acc {metric:.2f} " if isinstance(metric, float) else ""
+            shown = "".join(f"{k} {row[k]:.2f} " for k in ("max_test_acc", "max_test_top5", "max_valid_bleu",
+                                                           "test_bleu") if isinstance(row.get(k), float))
             console.print(f"-> {row['status']} {shown}{row.get('note', '')}", highlight=False)
 
         counts = run_plan(plans, start, end)
@@ -373,6 +373,23 @@ def data_fake_cmd(
         msg = get_task(name).make_fake(out_dir, train=train, test=test, classes=classes, per_class=per_class,
                                        seed=seed)
         console.print(msg, highlight=False)
+
+
+@data_app.command("prepare")
+def data_prepare_cmd(
+    name: Annotated[str, typer.Argument(help="Dataset, e.g. iwslt14.")],
+    raw: Annotated[str, typer.Option(help="The downloaded archive (e.g. de-en.tgz) or its extracted folder.")],
+    out: Annotated[str, typer.Option(help="Folder for the prepared corpus (use it as --data-dir).")] = "data/iwslt14",
+    bpe_merges: Annotated[int, typer.Option(help="Joint BPE merges.")] = 10000,
+):
+    """Turn a raw dataset archive into the corpus the task trains on (IWSLT'14: prepare-iwslt14.sh)."""
+    from bench.registry import get_task
+
+    with user_errors():
+        task = get_task(name)
+        if not hasattr(task, "prepare"):
+            raise UserError(f"task {task.name!r} needs no preparation")
+        console.print(task.prepare(raw, out, bpe_merges=bpe_merges), highlight=False)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ class RunConfig:
     task: str
     model: str
     minimizer: str                  # a registered minimizer ("sam", "asam") or the task's base optimizer
-    optimizer: str = "sgd"          # base optimizer: sgd | adam
+    optimizer: str = "sgd"          # base optimizer: sgd | adam (coupled L2) | adamw (decoupled decay, fairseq's)
     rho: float = 0.0
     eta: float = 0.0
     epochs: int = 200
@@ -73,7 +73,7 @@ DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 # Settings only some tasks use; a task lists the ones it reads in `Task.settings`.
 TASK_SETTINGS = ("noise", "noise_seed")
 SCHEDULES = ("cosine", "constant", "inverse_sqrt")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def build_config(task: str, recipe: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:

@@ -74,9 +74,9 @@ def make_base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimiz
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
-                                weight_decay=cfg.weight_decay)
+    if cfg.optimizer in ("adam", "adamw"):  # fairseq's Adam decays the weights decoupled, as AdamW
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.weight_decay)
     raise UserError(f"unknown base optimizer {cfg.optimizer!r}")
 
 

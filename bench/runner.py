@@ -20,6 +20,7 @@ from bench.results import append_row, provenance, read_header, write_csv
 def make_config(task_name: str, **overrides: Any) -> RunConfig:
     """The task's recipe defaults overridden by the given non-None settings, checked."""
     task = get_task(task_name)
+    task_name = task.name  # an alias (e.g. a dataset name) runs as the task itself
     model = overrides.get("model") or task.recipe().get("model")
     if not task.has_model(model):
         raise UserError(f"unknown model {model!r} for task {task_name}; choose one of: "
