@@ -29,7 +29,7 @@ class TablePlan:
     runs: list[RunConfig] = field(default_factory=list)
     done: set[str] = field(default_factory=set)   # run ids already in the results
     skipped: str = ""                              # why the whole table is skipped
-    synthetic: tuple[int, int] | None = None       # (train, test) size of the generated data
+    synthetic: dict[str, int] | None = None        # `make_fake` options of the generated data
 
     @property
     def todo(self) -> list[RunConfig]:
@@ -68,7 +68,8 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
             tp.skipped = f"task {spec['task']!r} is not built yet ({count} runs not planned)"
             continue
         if "synthetic" in p:
-            tp.synthetic = tuple(p["synthetic"])
+            syn = p["synthetic"]
+            tp.synthetic = dict(syn) if isinstance(syn, dict) else {"train": syn[0], "test": syn[1]}
             run_data = str(Path(results_dir) / "data" / spec["task"])
         else:
             run_data = data_dir
@@ -125,7 +126,7 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
         est = f"~{hours:.1f} GPU-h measured" if hours else "GPU-h unknown"
         if missing and hours:
             est += f" + {missing} runs of unmeasured speed"
-        data = f", synthetic data {tp.synthetic[0]}/{tp.synthetic[1]}" if tp.synthetic else ""
+        data = (", synthetic data " + " ".join(f"{k}={v}" for k, v in tp.synthetic.items())) if tp.synthetic else ""
         lines.append(f"{tp.name} ({tp.task}): {len(tp.runs)} runs, {len(tp.runs) - len(tp.todo)} already done, "
                      f"{len(tp.todo)} to run{data}; {est}")
         for cfg in tp.todo:
@@ -151,7 +152,7 @@ def run_plan(plans: list[TablePlan], on_start: Callable[[RunConfig, int, int], N
             on_start(cfg, i, len(todo))
         try:
             if tp.synthetic and cfg.data_dir not in made:
-                get_task(cfg.task).make_fake(cfg.data_dir, train=tp.synthetic[0], test=tp.synthetic[1], seed=0)
+                get_task(cfg.task).make_fake(cfg.data_dir, seed=0, **tp.synthetic)
                 made.add(cfg.data_dir)
             row = execute(cfg, reporter)
         except KeyboardInterrupt:

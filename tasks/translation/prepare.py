@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 import tarfile
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from bench.errors import UserError
+from bench.results import atomic_write as _atomic_write  # temporary file + fsync + rename
 
 SRC, TGT = "de", "en"
 PAIR = f"{SRC}-{TGT}"
@@ -246,12 +246,6 @@ def split_valid(lines: list[str], every: int = VALID_EVERY) -> tuple[list[str], 
 
 # ----------------------------------------------------------------------------------------------------------
 # The pipeline
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
     _atomic_write(path, "".join(line + "\n" for line in lines))
