@@ -42,13 +42,8 @@ class TickTimer:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-8 steps gain nothing from a second thread, and 2 OpenMP threads on a machine whose other core is
-    busy (another test run) are 10-20x slower: keep this file fast whatever else runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: a second OpenMP thread gains nothing and, on a busy 2-core machine, costs ~10x."""
 
 
 @pytest.fixture(scope="module")

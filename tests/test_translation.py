@@ -21,13 +21,8 @@ from tasks.iwslt14 import (LabelSmoothedCrossEntropy, label_smoothed_nll_loss, l
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny Transformer's matrices are far too small for intra-op threads: on a busy 2-core machine
-    2 threads make these tests ~10x slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny tensors: a second OpenMP thread gains nothing and, on a busy 2-core machine, costs ~10x."""
 
 
 @pytest.fixture(scope="module")
