@@ -11,6 +11,7 @@ pytest.importorskip("sacremoses")
 pytest.importorskip("subword_nmt")
 
 from bench.errors import UserError  # noqa: E402
+from tasks.translation import fake as F  # noqa: E402
 from tasks.translation import prepare as P  # noqa: E402
 
 LANGS = ("de", "en")
@@ -31,7 +32,7 @@ def run(raw, out, merges=50):
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
-    return P.write_fake_archive(tmp_path_factory.mktemp("raw"), n_train=400, n_test=50, seed=0)
+    return F.write_fake_archive(tmp_path_factory.mktemp("raw"), n_train=400, n_test=50, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def test_cleaning_drops_planted_pairs(raw, tmp_path):
 
 def test_tgz_and_release_archive_match_folder(raw, prepared, tmp_path):
     out, counts = prepared
-    tgz = P.write_fake_archive(tmp_path / "t", n_train=400, n_test=50, seed=0, as_tgz=True)
+    tgz = F.write_fake_archive(tmp_path / "t", n_train=400, n_test=50, seed=0, as_tgz=True)
     assert tgz.name == "de-en.tgz" and tgz.is_file() and not (tmp_path / "t" / "de-en").exists()
     # the release's outer archive: 2014-01/texts/de/en/de-en.tgz inside 2014-01.tgz
     outer = tmp_path / "r" / "2014-01.tgz"
@@ -232,11 +233,11 @@ def test_fake_archive_shape_and_learnable(raw, tmp_path):
     assert all(3 <= len(a.split()) <= 12 for a, _ in pairs)
     # deterministic, and English is a function of German: the lexicon word by word, with a sentence-final
     # German verb moved to second place
-    P.write_fake_archive(tmp_path, n_train=400, n_test=50, seed=0)
+    F.write_fake_archive(tmp_path, n_train=400, n_test=50, seed=0)
     assert lines(tmp_path / "de-en" / "train.tags.de-en.en") == en
-    lex = {k.lower(): v for k, v in P._LEXICON.items()}
-    verbs = {k for k, _ in P._VERBS}
-    for a, b in P.fake_pairs(300, seed=5):
+    lex = {k.lower(): v for k, v in F._LEXICON.items()}
+    verbs = {k for k, _ in F._VERBS}
+    for a, b in F.fake_pairs(300, seed=5):
         german = [w.strip('".,?!').lower() for w in a.split()]
         english = [lex[w] for w in german]
         if german[-1] in verbs:
