@@ -30,7 +30,7 @@ each time the loader is iterated and can be set, e.g. to k when resuming at epoc
   gives the same batches on a given device; CPU and CUDA generators are different streams, so the
   augmentation (not the order) differs between a CPU and a GPU run.
 
-hash(...) is numpy's `SeedSequence`, so nearby seeds and epochs give unrelated streams.
+hash(...) is `bench.data.stream_seed`, the suite's one mixing of (seed, epoch, ...) into generator seeds.
 Evaluation loaders (train=False) neither shuffle nor augment: batches in dataset order, normalised only.
 The last partial batch is kept (drop_last=False, as torch's DataLoader default).
 """
@@ -38,16 +38,10 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-
-def stream_seed(*entropy: int) -> int:
-    """A 64-bit seed for torch.Generator.manual_seed from non-negative integers (e.g. seed, epoch, stream)."""
-    if any(int(e) < 0 for e in entropy):
-        raise ValueError(f"seeds and epochs must be >= 0, got {entropy}")
-    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0])
+from bench.data import stream_seed  # the suite's one way to derive (seed, epoch, ...) streams
 
 
 class DeviceCifarLoader:

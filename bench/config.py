@@ -111,6 +111,8 @@ def validate(cfg: RunConfig) -> None:
 
     need(finite(cfg.rho) and cfg.rho >= 0, f"--rho must be a finite number >= 0, got {cfg.rho}")
     need(finite(cfg.eta) and cfg.eta >= 0, f"--eta must be a finite number >= 0, got {cfg.eta}")
+    need(cfg.seed >= 0 and cfg.noise_seed >= 0, f"--seed and --noise-seed must be >= 0, got {cfg.seed}, "
+                                                 f"{cfg.noise_seed}")
     need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(finite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}")

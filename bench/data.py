@@ -7,8 +7,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bench import distributed as D
 
 
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, epoch, index, ...), stable across processes and runs."""
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed for torch's generators from non-negative integers (seed, epoch, index, stream...),
+    stable across processes and runs. Cheap (a few integer operations): it runs once per example."""
+    if any(p < 0 for p in parts):
+        raise ValueError(f"seeds and epochs must be >= 0, got {parts}")
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = (h ^ (p + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
@@ -31,7 +34,7 @@ class EpochSampler(Sampler):
         return -(-self.n // self.world)
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
         order = torch.cat([order, order[:len(self) * self.world - self.n]])  # equal shards for DDP
         return iter([(self.epoch, i) for i in order[self.rank::self.world].tolist()])
 
@@ -50,7 +53,7 @@ class SeededItems(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout, ...) untouched
-            torch.manual_seed(_mix(self.seed, epoch, index))
+            torch.manual_seed(stream_seed(self.seed, epoch, index))
             return self.base[index]
 
 
@@ -112,7 +115,7 @@ class TensorLoader:
     def __iter__(self):
         n = self.x.shape[0]
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)

@@ -7,7 +7,6 @@ listed and skipped with a message.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +14,7 @@ from typing import Any, Callable
 from bench.config import RunConfig
 from bench.errors import UserError
 from bench.registry import get_task, has_task
+from bench.results import result_rows
 from bench.runner import completed_run_ids, execute, make_config, record_failure
 from bench.task import load_toml
 
@@ -91,18 +91,15 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
 def measured_epoch_seconds(results_dir: str | Path) -> dict[tuple[str, str, str], tuple[float, str]]:
     """(task, model, minimizer) -> (seconds per epoch, device) from earlier GPU rows, real data only."""
     speeds: dict[tuple[str, str, str], tuple[float, str]] = {}
-    for path in Path(results_dir).glob("*.csv"):
-        try:
-            with open(path, newline="") as f:
-                for r in csv.DictReader(f):
-                    if r.get("status") != "ok" or r.get("synthetic") == "True" or "cpu" in r.get("device_name", "cpu").lower():
-                        continue
-                    epochs = float(r.get("epochs_done") or 0)
-                    if epochs > 0:
-                        speeds[(r["task"], r["model"], r["minimizer"])] = (float(r["wall_time_s"]) / epochs,
-                                                                           r["device_name"])
-        except (OSError, csv.Error, KeyError, ValueError):
+    for r in result_rows(results_dir):
+        if r.get("status") != "ok" or r.get("synthetic") == "True" or "cpu" in r.get("device_name", "cpu").lower():
             continue
+        try:
+            epochs = float(r.get("epochs_done") or 0)
+            if epochs > 0:
+                speeds[(r["task"], r["model"], r["minimizer"])] = (float(r["wall_time_s"]) / epochs, r["device_name"])
+        except (KeyError, ValueError, TypeError):
+            continue  # a row from an older or foreign CSV: no speed to learn from it
     return speeds
 
 

@@ -121,6 +121,18 @@ def write_csv(path: Path | str, rows: list[dict[str, Any]]) -> None:
     atomic_write(Path(path), _csv_text(header, rows, with_header=True))
 
 
+def result_rows(results_dir: Path | str) -> Iterator[dict[str, str]]:
+    """Every row of every CSV directly in a results folder; a file that cannot be read as CSV is skipped
+    here (`bench report` is where such a file gets named)."""
+    for path in sorted(Path(results_dir).glob("*.csv")):
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue
+        yield from rows
+
+
 def git_commit() -> str:
     """The commit of the sambench checkout, with '+dirty' when tracked files differ from it."""
     root = Path(bench.__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
 from bench.engine import Reporter, StopFlag, device_name, resolve_device, seed_everything, train
 from bench.errors import UserError
 from bench.registry import get_task, task_names
-from bench.results import append_row, provenance, read_header, write_csv
+from bench.results import append_row, provenance, read_header, result_rows, write_csv
 
 
 def make_config(task_name: str, **overrides: Any) -> RunConfig:
@@ -119,13 +119,4 @@ def record_failure(cfg: RunConfig, error: BaseException) -> dict[str, Any]:
 
 def completed_run_ids(results_dir: str | Path) -> set[str]:
     """run_ids that already have an `ok` or `diverged` row in any results CSV of the folder."""
-    done: set[str] = set()
-    for path in Path(results_dir).glob("*.csv"):
-        try:
-            with open(path, newline="") as f:
-                for row in csv.DictReader(f):
-                    if row.get("status") in ("ok", "diverged") and row.get("run_id"):
-                        done.add(row["run_id"])
-        except (OSError, csv.Error, UnicodeDecodeError):
-            continue  # not a results file (or unreadable): `bench report` names it
-    return done
+    return {r["run_id"] for r in result_rows(results_dir) if r.get("status") in ("ok", "diverged") and r.get("run_id")}

@@ -73,6 +73,7 @@ def test_same_seed_same_result(three_runs, fake_cifar10, tmp_path):
     (["run", "cifar10", "--minimizer", "asam", "--eta", "-1"], "--eta must be a finite number >= 0"),
     (["run", "cifar10", "--lr", "0"], "--lr must be a finite number > 0"),
     (["run", "cifar10", "--epochs", "0"], "--epochs must be >= 1"),
+    (["run", "cifar10", "--seed", "-1"], "--seed and --noise-seed must be >= 0"),
     (["run", "cifar10", "--bn-second-pass", "maybe"], "--bn-second-pass must be 'update' or 'freeze'"),
     (["run", "cifar10", "--data-dir", "/nonexistent/x"], "cifar10 not found (or corrupted) at /nonexistent/x/cifar-10-batches-py/"),
     (["data", "fake", "mnist", "/tmp/x"], "unknown task 'mnist'"),
