@@ -12,6 +12,11 @@ import torch
 from torch import nn
 
 
+# The file whose presence marks a dataset folder as written by `bench data fake`: such runs are labelled
+# synthetic and never mixed with real-data runs.
+SYNTHETIC_MARKER = "SYNTHETIC"
+
+
 @dataclass
 class Job:
     model: nn.Module

@@ -21,11 +21,10 @@ from bench.augment import DeviceCifarLoader
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import Job, Task, load_toml
+from bench.task import SYNTHETIC_MARKER, Job, Task, load_toml
 from tasks.models import MODEL_INFO, create_model, model_names
 
 RECIPE = load_toml(Path(__file__).with_name("cifar.toml"))
-SYNTHETIC_MARKER = "SYNTHETIC"
 
 _SPEC = {  # torchvision class, its folder, number of classes
     "cifar10": (datasets.CIFAR10, "cifar-10-batches-py", 10),

@@ -18,13 +18,12 @@ from torchvision import datasets, transforms
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import Job, Task, load_toml
+from bench.task import SYNTHETIC_MARKER, Job, Task, load_toml
 from tasks.cifar import make_loss
 
 RECIPE = load_toml(Path(__file__).with_name("imagenet.toml"))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "<data-dir>/train/<wnid>/*.JPEG and <data-dir>/val/<wnid>/*.JPEG"
-SYNTHETIC_MARKER = "SYNTHETIC"
 
 
 def load_image(path: str):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from bench import distributed as D
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import Job, Task, load_toml
+from bench.task import SYNTHETIC_MARKER, Job, Task, load_toml
 from tasks.translation.beam import detokenized_bleu, remove_bpe, tokenized_bleu, translate
 from tasks.translation.data import PAD, Dictionary, PairDataset, TokenBatchLoader, read_lines
 from tasks.translation.model import CONFIGS, create_transformer
@@ -44,7 +44,6 @@ RECIPE = load_toml(Path(__file__).with_name("iwslt14.toml"))
 MODELS = ["transformer", "transformer_tiny"]
 SRC, TGT = "de", "en"
 SPLITS = ("train", "valid", "test")
-SYNTHETIC_MARKER = "SYNTHETIC"
 HOW_TO_GET = "run `bench data prepare iwslt14 --raw DIR --out DIR` (or `bench data fake iwslt14 DIR`)"
 assert set(MODELS) <= set(CONFIGS)
 

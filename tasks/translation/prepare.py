@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from bench.errors import UserError
+from bench.task import SYNTHETIC_MARKER
 from bench.results import atomic_write as _atomic_write  # temporary file + fsync + rename
 
 SRC, TGT = "de", "en"
@@ -46,7 +47,7 @@ VALID_EVERY = 23
 BPE_MERGES = 10000
 SPLITS = ("train", "valid", "test")
 OUTPUTS = tuple(f"{split}.{lang}" for split in SPLITS for lang in (SRC, TGT)) + ("code",)
-MARKER = "SYNTHETIC"
+MARKER = SYNTHETIC_MARKER
 COUNTS = "counts.json"
 # What fairseq-preprocess logs for the output of prepare-iwslt14.sh on the real 2014-01 de-en archive.
 EXPECTED_COUNTS = {"train": 160239, "valid": 7283, "test": 6750}
