@@ -207,6 +207,7 @@ def reproduce_cmd(
     workers: Annotated[Optional[int], typer.Option()] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan (and GPU-hours where measured); run nothing.")] = False,
     force: Annotated[bool, typer.Option(help="Re-run runs whose rows already exist.")] = False,
+    download: Annotated[bool, typer.Option(help="Download datasets that can be (CIFAR) if missing.")] = False,
 ):
     """Run the paper tables' experiment matrix; skips runs already in the results."""
     from bench.registry import tables_file
@@ -215,7 +216,7 @@ def reproduce_cmd(
     with user_errors():
         plans = plan(load_tables(tables_file()), tables or [], preset, seeds=seeds, results_dir=results_dir,
                      data_dir=data_dir, device=device, workers=default_workers() if workers is None else workers,
-                     force=force)
+                     force=force, download=download)
         if dry_run:
             for line in describe(plans, results_dir):
                 console.print(line, highlight=False)

@@ -42,7 +42,7 @@ def load_tables(path: str | Path) -> dict[str, dict]:
 
 def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int | None = None,
          results_dir: str = "results", data_dir: str = "data", device: str = "auto", workers: int = 2,
-         force: bool = False) -> list[TablePlan]:
+         force: bool = False, download: bool = False) -> list[TablePlan]:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if seeds is not None and seeds < 1:
@@ -80,7 +80,8 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
                         settings: dict[str, Any] = {**p.get("settings", {}), "model": model,
                                                     "minimizer": minimizer, "seed": seed,
                                                     "results_dir": results_dir, "data_dir": run_data,
-                                                    "device": device, "workers": workers}
+                                                    "device": device, "workers": workers,
+                                                    "download": download and "synthetic" not in p}
                         if noise is not None:
                             settings["noise"] = noise
                         tp.runs.append(make_config(spec["task"], **settings))

@@ -34,6 +34,8 @@ def test_full_plan_matches_the_paper_matrix(tmp_path):
     assert plan({"tableX": UNBUILT}, [], "full")[0].skipped == "task 'speech-to-llama' is not built yet (6 runs not planned)"
     assert "demo" not in plans  # the demo table has no full preset
     assert len(plan(TABLES, ["table2"], "full", seeds=2, results_dir=str(tmp_path))[0].runs) == 8 * 3 * 2
+    assert all(c.download for c in plan(TABLES, ["table3"], "full", download=True)[0].runs)
+    assert not any(c.download for c in plan(TABLES, ["table3"], "smoke", download=True)[0].runs)
 
 
 def test_bad_arguments():
