@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import typer
@@ -109,6 +110,8 @@ def run_cmd(
                                                        "flags given on the command line win.")] = None,
     restart: Annotated[bool, typer.Option(help="Discard this run's checkpoint and start over.")] = False,
     keep_checkpoint: Annotated[bool, typer.Option(help="Keep runs/<run_id>/checkpoint.pt after the run.")] = False,
+    force: Annotated[bool, typer.Option(help="Train a run that is already done again (from scratch) and "
+                                             "replace its row.")] = False,
 ):
     """Train one model with one minimizer; append a row to <results-dir>/<task>.csv.
 
@@ -116,12 +119,12 @@ def run_cmd(
     Ctrl-C once: finish the epoch, checkpoint, stop; twice: stop now (the last checkpoint stays)."""
     from bench import distributed as D
     from bench.registry import get_task
-    from bench.runner import execute, make_config
+    from bench.runner import AlreadyDone, execute, make_config
 
     with user_errors():
         settings = {k: v for k, v in locals().items()
                     if k not in ("task", "quiet", "get_task", "execute", "make_config", "D", "config", "restart",
-                                 "keep_checkpoint")}
+                                 "keep_checkpoint", "force", "AlreadyDone")}
         if config:
             from bench.config import read_config_file
             file_settings = read_config_file(config)
@@ -143,9 +146,15 @@ def run_cmd(
         stop = StopFlag()
         try:
             with graceful_sigint(stop):
-                row = execute(cfg, None if quiet else RichReporter(console), restart=restart,
+                row = execute(cfg, None if quiet else RichReporter(console), restart=restart, force=force,
                               keep_checkpoint=keep_checkpoint, stop=stop,
                               log=lambda m: console.print(m, highlight=False) if not quiet else None)
+        except AlreadyDone as done:
+            if D.is_main():
+                console.print(f"already done: {cfg.run_id} ({done.row.get('status')}, in "
+                              f"{Path(cfg.results_dir) / (cfg.task + '.csv')}); --force to run it again",
+                              highlight=False)
+            return
         except Interrupted as e:
             err_console.print(f"interrupted: {e}; checkpoint saved. Run the same command again to resume.",
                               highlight=False)
@@ -204,40 +213,114 @@ def reproduce_cmd(
     results_dir: Annotated[str, typer.Option()] = "results",
     data_dir: Annotated[str, typer.Option(envvar="SAMBENCH_DATA_DIR")] = "data",
     device: Annotated[str, typer.Option()] = "auto",
-    workers: Annotated[Optional[int], typer.Option()] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan (and GPU-hours where measured); run nothing.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loader workers of each run.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (and GPU-hours where measured); run nothing. "
+                                               "With --launcher slurm: the sbatch script too.")] = False,
+    status: Annotated[bool, typer.Option("--status", help="Per table: done, running (where, since when), "
+                                                          "failed, to do. Runs nothing.")] = False,
     force: Annotated[bool, typer.Option(help="Re-run runs whose rows already exist.")] = False,
     download: Annotated[bool, typer.Option(help="Download datasets that can be (CIFAR) if missing.")] = False,
+    launcher: Annotated[Optional[str], typer.Option(help="local: worker processes on this machine (--gpus or "
+                                                         "--workers-per-node); slurm: a job array through "
+                                                         "submitit. Default: this process sweeps.")] = None,
+    gpus: Annotated[Optional[str], typer.Option(help="local: one worker per GPU, e.g. 0,1,2,3.")] = None,
+    workers_per_node: Annotated[int, typer.Option(help="local without --gpus: CPU workers.")] = 1,
+    partition: Annotated[Optional[str], typer.Option(help="slurm: partition.")] = None,
+    time_limit: Annotated[int, typer.Option("--time", help="slurm: minutes per run's job.")] = 24 * 60,
+    gpus_per_run: Annotated[int, typer.Option(help="slurm: GPUs per node for each run (one process "
+                                                   "each, torch.distributed).")] = 1,
+    nodes_per_run: Annotated[int, typer.Option(help="slurm: nodes per run.")] = 1,
+    max_parallel: Annotated[int, typer.Option(help="slurm: array tasks running at once.")] = 64,
+    cpus_per_gpu: Annotated[int, typer.Option(help="slurm: CPUs per process (data loading).")] = 8,
+    slurm_option: Annotated[Optional[list[str]], typer.Option(help="slurm: extra sbatch KEY=VALUE "
+                                                                   "(repeatable), e.g. account=proj.")] = None,
+    stale_after: Annotated[float, typer.Option(help="Seconds without heartbeat after which another sweeper "
+                                                    "takes a run over.")] = 600.0,
+    poll: Annotated[float, typer.Option(help="Seconds between looks while other processes hold runs.")] = 10.0,
+    slurm_cluster: Annotated[Optional[str], typer.Option(hidden=True)] = None,  # tests: submitit local/debug
 ):
-    """Run the paper tables' experiment matrix; skips runs already in the results."""
-    from bench.registry import tables_file
-    from bench.reproduce import describe, load_tables, plan, run_plan
+    """Run the paper tables' experiment matrix; skips runs already in the results. Any number of these
+    processes (on one machine or many nodes sharing the folder) may work through the same tables at once."""
+    from bench.sweep import launch
+    from bench.sweep.plan import describe
+    from bench.sweep.status import check_results_folder, status_lines
+    from bench.sweep.sweeper import SweepSpec
 
     with user_errors():
-        plans = plan(load_tables(tables_file()), tables or [], preset, seeds=seeds, results_dir=results_dir,
-                     data_dir=data_dir, device=device, workers=default_workers() if workers is None else workers,
-                     force=force, download=download)
+        if launcher not in (None, *launch.LAUNCHERS):
+            raise UserError(f"unknown launcher {launcher!r}; choose one of: {', '.join(launch.LAUNCHERS)}")
+        if min(workers_per_node, gpus_per_run + 1, nodes_per_run, max_parallel, time_limit) < 1:
+            raise UserError("--workers-per-node, --nodes-per-run, --max-parallel and --time must be >= 1, "
+                            "--gpus-per-run >= 0")
+        check_results_folder(results_dir, must_exist=status)
+        world = max(gpus_per_run, 1) * nodes_per_run if launcher == "slurm" else 1
+        spec = SweepSpec(tuple(tables or ()), preset, results_dir, seeds=seeds, data_dir=data_dir, device=device,
+                         workers=default_workers() if workers is None else workers, force=force,
+                         download=download, world_size=world, poll=poll, stale_after=stale_after)
+        plans = spec.plans()
+        if status:
+            return _print_lines(status_lines(plans, results_dir, stale_after))
         if dry_run:
-            for line in describe(plans, results_dir):
-                console.print(line, highlight=False)
-            return
+            _print_lines(describe(plans, results_dir))
+            if launcher != "slurm":
+                return
+        if launcher == "slurm":
+            return _launch_slurm(spec, plans, dry_run, partition, time_limit, gpus_per_run, nodes_per_run,
+                                 max_parallel, cpus_per_gpu, slurm_option or [], slurm_cluster)
         for tp in plans:
             if tp.skipped:
                 console.print(f"[yellow]{tp.name}: skipped:[/] {tp.skipped}", highlight=False)
             elif tp.done:
                 console.print(f"{tp.name}: {len(tp.done)} of {len(tp.runs)} runs already done", highlight=False)
-
-        def start(cfg, i, n):
-            console.print(f"[{i}/{n}] {cfg.run_id} ({cfg.model} {cfg.minimizer} rho={cfg.rho} noise={cfg.noise} "
-                          f"seed={cfg.seed})", highlight=False, end=" ")
-
-        def end(row):
-            shown = "".join(f"{k} {row[k]:.2f} " for k in ("max_test_acc", "max_test_top5", "max_valid_bleu",
-                                                           "test_bleu") if isinstance(row.get(k), float))
-            console.print(f"-> {row['status']} {shown}{row.get('note', '')}", highlight=False)
-
-        counts = run_plan(plans, start, end)
+        if launcher == "local":
+            import torch
+            ids = launch.parse_gpus(gpus, torch.cuda.device_count()) if gpus else None
+            codes = launch.run_local(spec, ids, workers_per_node)
+            console.print(f"{len(codes)} workers finished; `bench reproduce --status --results-dir {results_dir}`"
+                          " shows the tables", highlight=False)
+            if any(codes):
+                raise typer.Exit(1)
+            return
+        counts = spec.sweeper().run()
         console.print("done: " + ", ".join(f"{v} {k}" for k, v in counts.items()), highlight=False)
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+
+
+def _launch_slurm(spec, plans, dry_run: bool, partition, time_limit, gpus_per_run, nodes_per_run,
+                  max_parallel, cpus_per_gpu, options, cluster) -> None:
+    """Submit the runs still to do as one job array; print the job ids and how to follow them."""
+    from pathlib import Path
+
+    from bench.sweep import launch
+    from bench.sweep.sweeper import Sweeper
+
+    folder = Path(spec.results_dir) / "slurm"
+    params = launch.slurm_parameters(partition=partition, time_min=time_limit, gpus_per_run=gpus_per_run,
+                                     nodes_per_run=nodes_per_run, max_parallel=max_parallel,
+                                     cpus_per_gpu=cpus_per_gpu, options=launch.parse_slurm_options(options),
+                                     name="sambench")
+    look = Sweeper(plans, spec.results_dir, force=spec.force)
+    runs = [c for tp in plans for c in tp.runs if look.state(c) == "todo"]
+    if dry_run:
+        console.print(f"would submit {len(runs)} array tasks with this sbatch script:", highlight=False)
+        return console.print(launch.sbatch_text(params, folder), highlight=False, markup=False)
+    try:
+        jobs = launch.submit_slurm(runs, folder, params, spec.force, cluster=cluster or "slurm")
+    except RuntimeError as e:
+        raise UserError(f"cannot submit to SLURM here ({' '.join(str(e).split())}); run this on a cluster "
+                        "login node, or use --launcher local") from None
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+    console.print(f"submitted {len(jobs)} runs as job array {', '.join(ids) or '(none: nothing to do)'}; logs in "
+                  f"{folder}", highlight=False)
+    args = " ".join([*spec.tables, f"--preset {spec.preset}", f"--results-dir {spec.results_dir}"])
+    console.print(f"follow them with: bench reproduce {args} --status", highlight=False)
+    if cluster in ("local", "debug"):  # tests: wait for the jobs the way a cluster would run them
+        for job in jobs:
+            job.result()
 
 
 @app.command("perf")

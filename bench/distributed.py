@@ -76,3 +76,12 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank (the object itself without torchrun)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

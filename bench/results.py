@@ -1,15 +1,21 @@
-"""RunConfig + metrics -> one CSV row, appended atomically; per-epoch logs; provenance of a run.
+"""RunConfig + metrics -> one record per run id; `<task>.csv` derived from the records; provenance.
 
-Appends take an exclusive lock on `<file>.lock`, so concurrent runs (several processes, a sweep on a
-shared disk) never interleave or lose rows. A row with columns the file lacks (a newer sambench added a
-setting) rewrites the file under the lock with the union header, through a temporary file and an atomic
-rename: a reader sees the old file or the new one, never half of either.
+The store: `runs/<run_id>/result.json` is the one record of a run, written whole through a temporary file
+and an atomic rename, so it is the old record or the new one, never half of either, and a run id can hold
+only one. `<results-dir>/<task>.csv` (the file users read) is rebuilt from the records after each write,
+under an exclusive lock on `<file>.lock`, again atomically: at every instant it holds at most one row per
+run id, also after a crash between any two steps (a crash before the rebuild leaves the CSV one run behind;
+the next write or `bench reproduce` repairs it). Rows of a CSV written before records existed are kept
+(the last row of a run id wins) until a record of the same run id replaces them.
+
+`append_row` remains for logs that are not runs (perf.csv): appends under the same lock.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
+import json
 import os
 import platform
 import socket
@@ -121,16 +127,76 @@ def write_csv(path: Path | str, rows: list[dict[str, Any]]) -> None:
     atomic_write(Path(path), _csv_text(header, rows, with_header=True))
 
 
+RECORD = "result.json"
+FINISHED = ("ok", "diverged")  # a run with a record of this status is done; `failed` runs are run again
+
+
+def run_folder(results_dir: Path | str, run_id: str) -> Path:
+    return Path(results_dir) / "runs" / run_id
+
+
+def read_record(results_dir: Path | str, run_id: str) -> dict[str, Any] | None:
+    """The record of a run id, or None. An unreadable record (damaged by hand) counts as none."""
+    try:
+        with open(run_folder(results_dir, run_id) / RECORD) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def records(results_dir: Path | str, task: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every run record of a results folder (of one task), in run-id order."""
+    for path in sorted((Path(results_dir) / "runs").glob(f"*/{RECORD}")):
+        record = read_record(results_dir, path.parent.name)
+        if record is not None and (task is None or record.get("task") == task):
+            yield record
+
+
+def write_record(results_dir: Path | str, row: dict[str, Any]) -> None:
+    """Make `row` the one record of its run id (replacing any earlier one), then rebuild its task's CSV."""
+    text = json.dumps(row, default=str, indent=1) + "\n"  # NaN and inf are kept (json writes NaN, Infinity)
+    atomic_write(run_folder(results_dir, row["run_id"]) / RECORD, text)
+    rebuild_csv(results_dir, row["task"])
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def rebuild_csv(results_dir: Path | str, task: str) -> Path:
+    """`<task>.csv` = its older rows without a record (last one per run id) + the task's records."""
+    path = Path(results_dir) / f"{task}.csv"
+    with locked(path):
+        rows: dict[str, dict[str, Any]] = {r["run_id"]: r for r in _csv_rows(path) if r.get("run_id")}
+        rows.update({r["run_id"]: r for r in records(results_dir, task)})
+        header = read_header(path)  # keep the column order users know; new columns go to the end
+        for row in rows.values():
+            header += [k for k in row if k not in header]
+        atomic_write(path, _csv_text(header, rows.values(), with_header=True))
+    return path
+
+
+def sync_csvs(results_dir: Path | str) -> None:
+    """Rebuild every task CSV that has records (repairs a CSV a crash left one run behind)."""
+    for task in sorted({r.get("task") for r in records(results_dir)} - {None}):
+        rebuild_csv(results_dir, task)
+
+
 def result_rows(results_dir: Path | str) -> Iterator[dict[str, str]]:
-    """Every row of every CSV directly in a results folder; a file that cannot be read as CSV is skipped
-    here (`bench report` is where such a file gets named)."""
+    """One row per run id of a results folder: its record where it has one, else its last CSV row. Values
+    are text, as a CSV reader gives them. A file that cannot be read as CSV is skipped here (`bench
+    report` is where such a file gets named)."""
+    rows: dict[str, dict[str, str]] = {}
     for path in sorted(Path(results_dir).glob("*.csv")):
-        try:
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        except (OSError, csv.Error, UnicodeDecodeError):
-            continue
-        yield from rows
+        rows.update({r["run_id"]: r for r in _csv_rows(path) if r.get("run_id")})
+    for record in records(results_dir):
+        rows[record["run_id"]] = {k: "" if v is None else str(_cell(v)) for k, v in record.items()}
+    yield from rows.values()
 
 
 def git_commit() -> str:

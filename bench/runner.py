@@ -14,7 +14,8 @@ from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
 from bench.engine import Reporter, StopFlag, device_name, resolve_device, seed_everything, train
 from bench.errors import UserError
 from bench.registry import get_task, task_names
-from bench.results import append_row, provenance, read_header, result_rows, write_csv
+from bench.results import (FINISHED, atomic_write, provenance, read_header, read_record, rebuild_csv, result_rows,
+                           run_folder, write_csv, write_record)
 
 
 def make_config(task_name: str, **overrides: Any) -> RunConfig:
@@ -42,11 +43,11 @@ def results_csv(cfg: RunConfig) -> Path:
 
 
 def run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.results_dir) / "runs" / cfg.run_id
+    return run_folder(cfg.results_dir, cfg.run_id)
 
 
 def check_results_csv(path: Path) -> None:
-    """Refuse to train into a results file we could not append to (before spending hours on the run)."""
+    """Refuse to train into a results file we could not rebuild (before spending hours on the run)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     try:
@@ -60,16 +61,43 @@ def check_results_csv(path: Path) -> None:
                         "--results-dir")
 
 
-def execute(cfg: RunConfig, reporter: Reporter | None = None, *, restart: bool = False,
+class AlreadyDone(Exception):
+    """The run id already has a finished record; `row` is that record."""
+
+    def __init__(self, row: dict[str, Any]):
+        super().__init__(row["run_id"])
+        self.row = row
+
+
+def finished_record(cfg: RunConfig) -> dict[str, Any] | None:
+    record = read_record(cfg.results_dir, cfg.run_id)
+    return record if record is not None and record.get("status") in FINISHED else None
+
+
+def execute(cfg: RunConfig, reporter: Reporter | None = None, *, restart: bool = False, force: bool = False,
             keep_checkpoint: bool = False, stop: StopFlag | None = None,
             log=lambda msg: None) -> dict[str, Any]:
-    """Train one run and append its row to <results_dir>/<task>.csv; return the row.
+    """Train one run, unless it is done already, and make its row the run id's one record; return the row.
 
-    The run checkpoints after every epoch into runs/<run_id>/checkpoint.pt and resumes from it when the
-    same run is started again (`restart` discards it). The checkpoint is deleted once the row is written,
-    unless `keep_checkpoint`."""
-    task = get_task(cfg.task)
+    The run id is claimed first (see bench.sweep.claims): a run another live process trains is refused
+    with one line. A run with an `ok` or `diverged` record raises AlreadyDone (`force`: train it again
+    from scratch and replace the record). The run checkpoints after every epoch into
+    runs/<run_id>/checkpoint.pt and resumes from it when started again (`restart` discards it). The
+    checkpoint is deleted once the record is written, unless `keep_checkpoint`."""
+    from bench.sweep.claims import claimed_by_me
+
     check_results_csv(results_csv(cfg))
+    with claimed_by_me(cfg.results_dir, cfg.run_id, log):
+        done = finished_record(cfg) if D.is_main() else None
+        if D.broadcast_object(done is not None) and not force:
+            rebuild_csv(cfg.results_dir, cfg.task)  # repairs a CSV a crash left one run behind
+            raise AlreadyDone(done or {"run_id": cfg.run_id})
+        return _train_and_record(cfg, reporter, restart=restart or force, keep_checkpoint=keep_checkpoint,
+                                 stop=stop, log=log)
+
+
+def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoint: bool, stop, log) -> dict:
+    task = get_task(cfg.task)
     ckpt = run_dir(cfg) / "checkpoint.pt"
     if restart and ckpt.exists() and D.is_main():
         ckpt.unlink()
@@ -85,6 +113,7 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, restart: bool =
     job = task.build(cfg, device)
     if D.is_distributed():  # dropout / ShakeDrop / in-process augmentation: a different stream per rank
         torch.manual_seed(cfg.seed + 1_000_003 * D.rank())
+
     def log_epochs(history):
         if D.is_main():
             write_csv(run_dir(cfg) / "epochs.csv", history)
@@ -101,22 +130,45 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, restart: bool =
                            "per_replica_batch": cfg.batch_size, "global_batch": cfg.batch_size * cfg.world_size,
                            **summary, "wall_time_s": wall, **provenance(device_name(device))}
     if D.is_main():  # only rank 0 writes results
-        append_row(results_csv(cfg), row)
+        write_record(cfg.results_dir, row)
         if not keep_checkpoint and ckpt.exists():
             ckpt.unlink()
     D.barrier()
     return row
 
 
-def record_failure(cfg: RunConfig, error: BaseException) -> dict[str, Any]:
-    """Append a `failed` row (with the error) so a sweep can go on and the report can list it."""
-    message = " ".join(str(error).split()) or type(error).__name__
-    row: dict[str, Any] = {"run_id": cfg.run_id, "status": "failed", **cfg.to_row(),
-                           "note": f"{type(error).__name__}: {message}"[:500], **provenance("n/a")}
-    append_row(results_csv(cfg), row)
+def oom_hint(cfg: RunConfig, error: BaseException) -> str:
+    """What to lower when a run ran out of memory ('' for other errors)."""
+    text = f"{type(error).__name__} {error}".lower()
+    if "out of memory" not in text and "outofmemory" not in text and "can't allocate memory" not in text:
+        return ""
+    return (f"out of memory: lower batch_size (now {cfg.batch_size} per replica, e.g. --batch-size "
+            f"{max(cfg.batch_size // 2, 1)}), or use --precision bf16, or spread the run over more GPUs")
+
+
+def record_failure(cfg: RunConfig, error: BaseException | str, traceback_text: str = "") -> dict[str, Any]:
+    """Write a `failed` record (the error's first line; the whole traceback in runs/<run_id>/error.log) so
+    a sweep can go on and the report can list it. A finished record is never replaced by a failure."""
+    done = finished_record(cfg)
+    if done is not None:
+        return done
+    if isinstance(error, BaseException):
+        first = (str(error).strip().splitlines() or [""])[0]
+        message = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        hint = oom_hint(cfg, error)
+    else:
+        message, hint = error, ""
+    note = message[:300] + (f"; {hint}" if hint else "")
+    if traceback_text:
+        log = run_dir(cfg) / "error.log"
+        atomic_write(log, traceback_text)
+        note += f" (traceback: {log})"
+    row: dict[str, Any] = {"run_id": cfg.run_id, "status": "failed", **cfg.to_row(), "note": note,
+                           **provenance("n/a")}
+    write_record(cfg.results_dir, row)
     return row
 
 
 def completed_run_ids(results_dir: str | Path) -> set[str]:
-    """run_ids that already have an `ok` or `diverged` row in any results CSV of the folder."""
-    return {r["run_id"] for r in result_rows(results_dir) if r.get("status") in ("ok", "diverged") and r.get("run_id")}
+    """run_ids that already have an `ok` or `diverged` row in the results folder."""
+    return {r["run_id"] for r in result_rows(results_dir) if r.get("status") in FINISHED and r.get("run_id")}

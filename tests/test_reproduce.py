@@ -1,4 +1,6 @@
 """`bench reproduce`: the plan from tables.toml, skipping, resuming, failures, dry runs; the digits demo."""
+import os
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -6,7 +8,8 @@ from typer.testing import CliRunner
 from bench.cli import app
 from bench.errors import UserError
 from bench.registry import get_task, tables_file
-from bench.reproduce import describe, load_tables, plan, run_plan
+from bench.sweep.plan import describe, load_tables, plan
+from bench.sweep.sweeper import Sweeper
 
 TABLES = load_tables(tables_file())
 
@@ -47,6 +50,12 @@ def test_bad_arguments():
         plan(TABLES, [], "full", seeds=0)
 
 
+def run_plan(plans, res=None):
+    """Sweep in this process (each run in a child process), quietly."""
+    res = res or plans[0].runs[0].results_dir
+    return Sweeper(plans, res, poll=0.1, say=lambda msg: None).run()
+
+
 def test_sweep_is_resumable_idempotent_and_forceable(tmp_path):
     res = str(tmp_path / "res")
     plans = plan(tiny_tables(), [], "smoke", results_dir=res, workers=0)
@@ -65,24 +74,38 @@ def test_sweep_is_resumable_idempotent_and_forceable(tmp_path):
     assert len(forced.todo) == 6
 
 
-def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
+FAULT = """
+import os
+if os.environ.get("SAMBENCH_TEST_FAULT"):  # every Python process of the test: make SAM runs fail in build
+    from bench.registry import get_task
     task = get_task("cifar10-noise")
     real_build = task.build
-
     def build(cfg, device):
         if cfg.minimizer == "sam":
-            raise RuntimeError("simulated\nfailure")
+            raise RuntimeError("simulated\\nfailure")
         return real_build(cfg, device)
+    task.build = build
+"""
 
-    monkeypatch.setattr(task, "build", build)
+
+def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT)  # reaches the runs' own processes
+    monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("SAMBENCH_TEST_FAULT", "1")
     plans = plan(tiny_tables(), ["table6"], "smoke", results_dir=str(tmp_path), workers=0)
     counts = run_plan(plans)
     assert counts["failed"] == 2 and counts["ok"] == 4
     df = pd.read_csv(tmp_path / "cifar10-noise.csv")
     failed = df[df.status == "failed"]
-    assert set(failed.minimizer) == {"sam"} and (failed.note == "RuntimeError: simulated failure").all()
+    assert set(failed.minimizer) == {"sam"}
+    for r in failed.itertuples():
+        log = tmp_path / "runs" / r.run_id / "error.log"
+        assert r.note == f"RuntimeError: simulated (traceback: {log})"
+        assert "Traceback (most recent call last)" in log.read_text() and "failure" in log.read_text()
     # failed runs are not "done": the next sweep retries exactly them
-    monkeypatch.setattr(task, "build", real_build)
+    monkeypatch.delenv("SAMBENCH_TEST_FAULT")
     retry = plan(tiny_tables(), ["table6"], "smoke", results_dir=str(tmp_path))[0]
     assert {c.minimizer for c in retry.todo} == {"sam"}
 
@@ -96,7 +119,8 @@ def test_dry_run_lists_runs_skips_and_measured_speed(tmp_path):
     # a measured GPU row gives an estimate: 30 s/epoch x 200 epochs = 1.67 h per run, 5 seeds of one cell
     append_row(tmp_path / "cifar10.csv", {"run_id": "x", "status": "ok", "synthetic": False, "task": "cifar10",
                                           "model": "wrn28_10", "minimizer": "asam", "epochs_done": 2,
-                                          "wall_time_s": 60.0, "device_name": "NVIDIA H100"})
+                                          "train_time_s": 60.0, "wall_time_s": 5.0,  # resumed: last session
+                                          "device_name": "NVIDIA H100"})
     text = "\n".join(describe(plan(TABLES, ["table2"], "full", results_dir=str(tmp_path)), tmp_path))
     assert "~8.3 GPU-h measured + 115 runs of unmeasured speed" in text
     assert "1.67 h on NVIDIA H100" in text

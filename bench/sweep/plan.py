@@ -1,21 +1,20 @@
-"""`bench reproduce`: the paper tables' experiment matrix (tasks/tables.toml) -> a plan of runs -> runs.
+"""The paper tables' experiment matrix (tasks/tables.toml) -> a plan of runs (RunConfigs, hence run ids).
 
-Resumable and idempotent: a run whose row (same run id: same settings and seed) already exists with
-status ok/diverged is skipped; an interrupted sweep continues where it stopped; `force` re-runs. A run that
-fails is recorded as `failed` with its error and the sweep goes on. Tables whose task is not built yet are
-listed and skipped with a message.
+Resumable and idempotent: a run whose record (same run id: same settings and seed) already exists with
+status ok/diverged is skipped; an interrupted sweep continues where it stopped; `force` re-runs. Tables
+whose task is not built yet are listed and skipped with a message. The sweep itself: bench.sweep.sweeper.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.config import RunConfig
 from bench.errors import UserError
 from bench.registry import get_task, has_task
 from bench.results import result_rows
-from bench.runner import completed_run_ids, execute, make_config, record_failure
+from bench.runner import completed_run_ids, make_config
 from bench.task import load_toml
 
 PRESETS = ("full", "smoke", "demo")
@@ -42,7 +41,7 @@ def load_tables(path: str | Path) -> dict[str, dict]:
 
 def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int | None = None,
          results_dir: str = "results", data_dir: str = "data", device: str = "auto", workers: int = 2,
-         force: bool = False, download: bool = False) -> list[TablePlan]:
+         force: bool = False, download: bool = False, world_size: int = 1) -> list[TablePlan]:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if seeds is not None and seeds < 1:
@@ -81,6 +80,7 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
                                                     "minimizer": minimizer, "seed": seed,
                                                     "results_dir": results_dir, "data_dir": run_data,
                                                     "device": device, "workers": workers,
+                                                    "world_size": world_size,
                                                     "download": download and "synthetic" not in p}
                         if noise is not None:
                             settings["noise"] = noise
@@ -90,7 +90,8 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
 
 
 def measured_epoch_seconds(results_dir: str | Path) -> dict[tuple[str, str, str], tuple[float, str]]:
-    """(task, model, minimizer) -> (seconds per epoch, device) from earlier GPU rows, real data only."""
+    """(task, model, minimizer) -> (training seconds per epoch, device) from earlier GPU rows, real data only.
+    Training time, not wall time: a resumed run's wall time covers only its last session."""
     speeds: dict[tuple[str, str, str], tuple[float, str]] = {}
     for r in result_rows(results_dir):
         if r.get("status") != "ok" or r.get("synthetic") == "True" or "cpu" in r.get("device_name", "cpu").lower():
@@ -98,7 +99,7 @@ def measured_epoch_seconds(results_dir: str | Path) -> dict[tuple[str, str, str]
         try:
             epochs = float(r.get("epochs_done") or 0)
             if epochs > 0:
-                speeds[(r["task"], r["model"], r["minimizer"])] = (float(r["wall_time_s"]) / epochs, r["device_name"])
+                speeds[(r["task"], r["model"], r["minimizer"])] = (float(r["train_time_s"]) / epochs, r["device_name"])
         except (KeyError, ValueError, TypeError):
             continue  # a row from an older or foreign CSV: no speed to learn from it
     return speeds
@@ -136,28 +137,3 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
                  + (f", {unknown} runs without a measured speed (run one epoch on your GPU to measure)"
                     if unknown else ""))
     return lines
-
-
-def run_plan(plans: list[TablePlan], on_start: Callable[[RunConfig, int, int], None] | None = None,
-             on_end: Callable[[dict], None] | None = None, reporter=None) -> dict[str, int]:
-    """Run every planned run not yet done; returns counts by outcome."""
-    counts = {"ok": 0, "diverged": 0, "failed": 0, "skipped": 0}
-    todo = [(tp, c) for tp in plans for c in tp.todo]
-    counts["skipped"] = sum(len(tp.done) for tp in plans)
-    made: set[str] = set()
-    for i, (tp, cfg) in enumerate(todo, 1):
-        if on_start:
-            on_start(cfg, i, len(todo))
-        try:
-            if tp.synthetic and cfg.data_dir not in made:
-                get_task(cfg.task).make_fake(cfg.data_dir, seed=0, **tp.synthetic)
-                made.add(cfg.data_dir)
-            row = execute(cfg, reporter)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure is recorded and the sweep goes on
-            row = record_failure(cfg, e)
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-        if on_end:
-            on_end(row)
-    return counts

@@ -1,0 +1,131 @@
+"""Launchers: start sweepers on this machine (one per GPU, or N on a CPU) or on a SLURM cluster through
+submitit. Nothing here schedules: every worker pulls claimed runs from the same plan (bench.sweep.sweeper),
+so any mix of launchers, machines and re-launches is safe.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.config import RunConfig
+from bench.errors import UserError
+from bench.sweep.plan import TablePlan
+
+LAUNCHERS = ("local", "slurm")
+
+
+def parse_gpus(text: str, available: int) -> list[str]:
+    """'0,1,3' -> ['0', '1', '3'], each checked against the GPUs torch sees."""
+    ids = [g.strip() for g in text.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        raise UserError(f"--gpus takes GPU indices like 0,1,2,3, got {text!r}")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"--gpus names a GPU twice: {text!r}")
+    missing = [g for g in ids if int(g) >= available]
+    if missing:
+        where = f"GPUs 0-{available - 1}" if available else "no CUDA GPU"
+        raise UserError(f"--gpus {text}: GPU {', '.join(missing)} does not exist (torch sees {where}); "
+                        + ("use --workers-per-node N for CPU workers" if not available else "name existing ones"))
+    return ids
+
+
+def run_local(spec, gpus: list[str] | None, workers: int) -> list[int]:
+    """One worker process per GPU (CUDA_VISIBLE_DEVICES set for it) or `workers` CPU workers; each sweeps
+    the whole plan. Returns the workers' exit codes."""
+    labels = [f"gpu {g}" for g in gpus] if gpus else [f"worker {i}" for i in range(workers)]
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state inherited
+    procs = []
+    for i, label in enumerate(labels):
+        env = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}
+        procs.append(ctx.Process(target=_local_worker, args=(spec, label, env), name=label))
+        procs[-1].start()
+    for p in procs:
+        p.join()
+    return [p.exitcode for p in procs]
+
+
+def _local_worker(spec, label: str, env: dict[str, str]) -> None:
+    os.environ.update(env)  # inherited by every run's process
+    sweeper = spec.sweeper(label)
+    counts = sweeper.run()
+    sweeper.say("done: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+# ---- SLURM through submitit --------------------------------------------------------------------------
+
+def slurm_parameters(*, partition: str | None, time_min: int, gpus_per_run: int, nodes_per_run: int,
+                     max_parallel: int, cpus_per_gpu: int, options: dict[str, str], name: str) -> dict[str, Any]:
+    """submitit's AutoExecutor parameters for one array task = one run on nodes x gpus GPUs, one task
+    (process) per GPU as torchrun would start them."""
+    params: dict[str, Any] = {"name": name, "timeout_min": time_min, "nodes": nodes_per_run,
+                              "tasks_per_node": max(gpus_per_run, 1), "gpus_per_node": gpus_per_run,
+                              "cpus_per_task": cpus_per_gpu, "slurm_array_parallelism": max_parallel,
+                              "slurm_signal_delay_s": 120}
+    if partition:
+        params["slurm_partition"] = partition
+    if options:
+        params["slurm_additional_parameters"] = dict(options)
+    return params
+
+
+def parse_slurm_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--slurm-option takes KEY=VALUE (e.g. account=myproj), got {item!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+class SlurmRun:
+    """One array task: one run, in every task (process) of the allocation; several tasks form the
+    torch.distributed group exactly as torchrun would (submitit's TorchDistributedEnvironment exports
+    MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK). Pickled by submitit, so it holds plain values."""
+
+    def __init__(self, cfg: dict[str, Any], force: bool):
+        self.cfg, self.force = cfg, force
+
+    def __call__(self) -> int:
+        import submitit
+
+        from bench.sweep.child import run_one
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return run_one(RunConfig(**self.cfg), force=self.force)
+
+    def checkpoint(self, *args, **kwargs):
+        """Preempted or out of time: requeue; the run resumes from its last epoch checkpoint and its claim
+        (same SLURM job) is taken back."""
+        import submitit
+        return submitit.helpers.DelayedSubmission(SlurmRun(self.cfg, self.force))
+
+
+def submit_slurm(runs: list[RunConfig], folder: str | Path, params: dict[str, Any], force: bool,
+                 cluster: str | None = None) -> list:
+    """Submit one job array (one task per run); returns the submitit jobs. `cluster` 'local' or 'debug'
+    runs the same code path without SLURM (tests)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--launcher slurm needs submitit: pip install 'sambench[cluster]' (or pip install "
+                        "submitit)") from None
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor.update_parameters(**params)
+    jobs = []
+    with executor.batch():  # one job array; each task's callable keeps its own `checkpoint` (requeue)
+        for cfg in runs:
+            jobs.append(executor.submit(SlurmRun(asdict(cfg), force)))
+    return jobs
+
+
+def sbatch_text(params: dict[str, Any], folder: str | Path) -> str:
+    """The sbatch script submitit writes for these parameters (shown by --print-sbatch, tested)."""
+    from submitit.slurm.slurm import _make_sbatch_string  # the function submitit itself uses
+    conv = {"name": "job_name", "timeout_min": "time", "tasks_per_node": "ntasks_per_node"}
+    kw = {conv.get(k, k.removeprefix("slurm_")): v for k, v in params.items()}
+    kw["additional_parameters"] = kw.pop("additional_parameters", None)
+    return _make_sbatch_string(command="<python -u -m submitit.core._submit FOLDER>", folder=str(folder), **kw)
