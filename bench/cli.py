@@ -296,7 +296,7 @@ def _launch_slurm(spec, plans, dry_run: bool, partition, time_limit, gpus_per_ru
     from pathlib import Path
 
     from bench.sweep import launch
-    from bench.sweep.sweeper import Sweeper
+    from bench.sweep.sweeper import Sweeper, ensure_fake_data
 
     folder = Path(spec.results_dir) / "slurm"
     params = launch.slurm_parameters(partition=partition, time_min=time_limit, gpus_per_run=gpus_per_run,
@@ -307,12 +307,13 @@ def _launch_slurm(spec, plans, dry_run: bool, partition, time_limit, gpus_per_ru
     runs = [c for tp in plans for c in tp.runs if look.state(c) == "todo"]
     if dry_run:
         console.print(f"would submit {len(runs)} array tasks with this sbatch script:", highlight=False)
-        return console.print(launch.sbatch_text(params, folder), highlight=False, markup=False)
-    try:
-        jobs = launch.submit_slurm(runs, folder, params, spec.force, cluster=cluster or "slurm")
-    except RuntimeError as e:
-        raise UserError(f"cannot submit to SLURM here ({' '.join(str(e).split())}); run this on a cluster "
-                        "login node, or use --launcher local") from None
+        return console.print(launch.sbatch_text({**params, "map_count": len(runs)}, folder), highlight=False,
+                             markup=False)
+    executor = launch.slurm_executor(folder, params, cluster or "slurm")
+    for tp in plans:  # a smoke table's synthetic data: written once here, read by every array task
+        if tp.synthetic and tp.runs:
+            ensure_fake_data(tp.runs[0], tp.synthetic)
+    jobs = launch.submit_slurm(executor, runs, spec.force) if runs else []
     ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
     console.print(f"submitted {len(jobs)} runs as job array {', '.join(ids) or '(none: nothing to do)'}; logs in "
                   f"{folder}", highlight=False)

@@ -61,3 +61,27 @@ def test_provenance_names_versions_and_commit():
     p = provenance("cpu")
     assert p["torch_version"] and p["python_version"] and p["device_name"] == "cpu"
     assert p["git_commit"] == git_commit()
+
+
+def test_records_keep_one_row_per_run_id_and_legacy_rows(tmp_path):
+    from bench.results import read_record, rebuild_csv, result_rows, write_record
+    legacy = {"run_id": "old", "task": "t", "status": "ok", "x": "1"}
+    append_row(tmp_path / "t.csv", legacy)
+    append_row(tmp_path / "t.csv", {**legacy, "x": "2"})  # an old folder's duplicate: the last one wins
+    write_record(tmp_path, {"run_id": "a", "task": "t", "status": "failed", "note": "boom"})
+    write_record(tmp_path, {"run_id": "a", "task": "t", "status": "ok", "acc": 0.1 + 0.2, "nan": float("nan")})
+    df = pd.read_csv(tmp_path / "t.csv")
+    assert list(df.run_id) == ["old", "a"] and df.run_id.is_unique
+    assert df.x[0] == 2 and df.status[1] == "ok" and df.acc[1] == 0.1 + 0.2 and pd.isna(df["nan"][1])
+    assert read_record(tmp_path, "a")["status"] == "ok"
+    write_record(tmp_path, {"run_id": "old", "task": "t", "status": "ok", "x": 3})  # a record replaces it
+    df = pd.read_csv(tmp_path / "t.csv").set_index("run_id")
+    assert len(df) == 2 and df.x["old"] == 3
+    # a crash between the record and the CSV rebuild: the CSV is behind, never doubled; rebuilding repairs it
+    (tmp_path / "runs" / "b").mkdir()
+    (tmp_path / "runs" / "b" / "result.json").write_text('{"run_id": "b", "task": "t", "status": "ok"}')
+    assert "b" not in set(pd.read_csv(tmp_path / "t.csv").run_id)
+    assert {r["run_id"] for r in result_rows(tmp_path)} == {"old", "a", "b"}
+    rebuild_csv(tmp_path, "t")
+    assert sorted(pd.read_csv(tmp_path / "t.csv").run_id) == ["a", "b", "old"]
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("runs/*/.*.tmp"))

@@ -104,17 +104,25 @@ class SlurmRun:
         return submitit.helpers.DelayedSubmission(SlurmRun(self.cfg, self.force))
 
 
-def submit_slurm(runs: list[RunConfig], folder: str | Path, params: dict[str, Any], force: bool,
-                 cluster: str | None = None) -> list:
-    """Submit one job array (one task per run); returns the submitit jobs. `cluster` 'local' or 'debug'
-    runs the same code path without SLURM (tests)."""
+def slurm_executor(folder: str | Path, params: dict[str, Any], cluster: str = "slurm"):
+    """submitit's executor for these parameters; `cluster` 'local' or 'debug' runs the same code path
+    without SLURM (tests). One line when submitit or SLURM is missing."""
     try:
         import submitit
     except ImportError:
         raise UserError("--launcher slurm needs submitit: pip install 'sambench[cluster]' (or pip install "
                         "submitit)") from None
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    except RuntimeError as e:  # submitit's "Could not detect srun"
+        raise UserError(f"cannot submit to SLURM here ({' '.join(str(e).split())}); run this on a cluster "
+                        "login node, or use --launcher local") from None
     executor.update_parameters(**params)
+    return executor
+
+
+def submit_slurm(executor, runs: list[RunConfig], force: bool) -> list:
+    """Submit one job array, one task per run; returns the submitit jobs."""
     jobs = []
     with executor.batch():  # one job array; each task's callable keeps its own `checkpoint` (requeue)
         for cfg in runs:
