@@ -1,7 +1,15 @@
-"""The per-epoch checkpoint: writing it atomically, reading it back, and the RNG streams it carries."""
+"""The per-epoch checkpoint: writing it atomically, reading it without running code, and the RNG streams.
+
+A checkpoint is a dict of tensors and plain Python values (numbers, strings, lists, tuples, dicts) only, so
+it is read with `torch.load(weights_only=True)`: a file planted in a shared results folder cannot run code
+in whoever resumes it. Nothing needs allow-listing: numpy's RNG state is stored as a tensor, not an array.
+"""
 from __future__ import annotations
 
+import pickle
 import random
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -11,36 +19,69 @@ import torch
 from bench.errors import UserError
 from bench.results import atomic_replace
 
-VERSION = 1
+VERSION = 2  # 2: plain values only (weights_only loading)
+PLAIN = (int, float, str, bool, bytes, type(None))
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """This process's RNG streams (python, numpy, torch CPU, CUDA) as tensors and plain values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_plain(value: Any, where: str = "checkpoint") -> None:
+    """Refuse (as a bug, at save time) what weights_only loading would refuse at resume time. Types are
+    compared exactly: numpy.float64 is a float subclass, but it pickles as a numpy object."""
+    if isinstance(value, (torch.Tensor, torch.Size)) or type(value) in PLAIN:
+        return
+    if type(value) in (dict, OrderedDict):
+        for key, v in value.items():
+            check_plain(key, where)
+            check_plain(v, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds "
+                        "tensors and plain Python values only (it is loaded with weights_only=True)")
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     """torch.save through a temporary file and an atomic rename: a kill leaves the old file or the new."""
+    check_plain(state)
     atomic_replace(path, lambda f: torch.save(state, f))
 
 
 def load(path: Path, run_id: str) -> dict[str, Any]:
+    """The checkpoint of `run_id` at `path`, read without running code; a one-line UserError otherwise."""
+    fix = "delete it or pass --restart to start this run over"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "epoch" not in state:
-            raise ValueError("not a sambench checkpoint")
-    except Exception as e:  # truncated, corrupt, or not ours
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or pass --restart "
-                        "to start this run over") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a damaged pickle, not a refused one
+            raise UserError(f"checkpoint {path} is unreadable (UnpicklingError); {fix}") from None
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e)))) or ["an unknown object"]
+        raise UserError(f"checkpoint {path} holds {', '.join(found)}, which no sambench checkpoint holds; "
+                        f"it was not loaded (loading it could run code): {fix}") from None
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}") from None
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise UserError(f"checkpoint {path} is unreadable (not a sambench checkpoint); {fix}")
+    if state.get("version") != VERSION:
+        raise UserError(f"checkpoint {path} is in format {state.get('version')}, this sambench reads format "
+                        f"{VERSION}; {fix}")
     if state.get("run_id") != run_id:
-        raise UserError(f"checkpoint {path} belongs to run {state.get('run_id')}, not {run_id}; "
-                        "delete it or pass --restart")
+        raise UserError(f"checkpoint {path} belongs to run {state.get('run_id')}, not {run_id}; {fix}")
     return state
