@@ -3,6 +3,10 @@
 A checkpoint is a dict of tensors and plain Python values (numbers, strings, lists, tuples, dicts) only, so
 it is read with `torch.load(weights_only=True)`: a file planted in a shared results folder cannot run code
 in whoever resumes it. Nothing needs allow-listing: numpy's RNG state is stored as a tensor, not an array.
+
+RNG streams under data parallelism: every rank's state is gathered into rank 0's checkpoint and each rank
+restores its own on resume (rather than re-deriving per-rank streams from (seed, rank, epoch) at every
+epoch start), so an uninterrupted run draws exactly the numbers it drew before resuming was made exact.
 """
 from __future__ import annotations
 
@@ -15,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from bench import distributed as D
 from bench.errors import UserError
 from bench.results import atomic_replace
 
-VERSION = 2  # 2: plain values only (weights_only loading)
+VERSION = 2  # 2: plain values only (weights_only loading), every rank's RNG state, the resumption count
 PLAIN = (int, float, str, bool, bytes, type(None))
 
 
@@ -39,6 +45,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]] | None:
+    """Every rank's RNG state, in rank order, on rank 0 (None on the others). All ranks must call it."""
+    mine = rng_state()
+    if not D.is_distributed():
+        return [mine]
+    states: list | None = [None] * D.world_size() if D.is_main() else None
+    dist.gather_object(mine, states, dst=0)
+    return states
+
+
+def restore_rng_state(states: list[dict[str, Any]], path: Path) -> None:
+    """Restore this rank's own stream from a checkpoint's per-rank states."""
+    if len(states) != D.world_size():
+        raise UserError(f"checkpoint {path} holds the RNG states of {len(states)} processes but "
+                        f"{D.world_size()} run; resume with as many, or delete it or pass --restart")
+    set_rng_state(states[D.rank()])
 
 
 def check_plain(value: Any, where: str = "checkpoint") -> None:

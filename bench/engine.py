@@ -170,6 +170,7 @@ class TrainState:
     note: str = ""
     epoch: int = 0                    # epochs done
     resumed_from: int = 0             # epochs done when this call resumed (0: started afresh)
+    resumptions: int = 0              # times this run was resumed from its checkpoint, this call included
 
 
 def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
@@ -197,17 +198,22 @@ def resume(st: TrainState, path: Path) -> None:
     st.scheduler.load_state_dict(state["scheduler"])
     st.history, st.train_time = state["history"], state["train_time"]
     st.status, st.note = state.get("status", "ok"), state.get("note", "")
-    ckpt.set_rng_state(state["rng"])
+    ckpt.restore_rng_state(state["rng"], path)  # this rank's own streams (see bench.checkpoint)
     st.epoch = st.resumed_from = state["epoch"]
+    st.resumptions = state["resumptions"] + 1
 
 
 def save(st: TrainState, path: Path) -> None:
+    """Rank 0 writes the checkpoint, with every rank's RNG state; all ranks must call it. No rank returns
+    before the file is written: a rank that stops (Interrupted) and restarts must not find the old one."""
+    rngs = ckpt.gather_rng_states()
     if D.is_main():
         ckpt.save(path, {
             "version": ckpt.VERSION, "run_id": st.cfg.run_id, "epoch": st.epoch,
             "model": st.model.state_dict(), "minimizer": st.minimizer.state_dict(),
-            "scheduler": st.scheduler.state_dict(), "rng": ckpt.rng_state(), "history": st.history,
-            "train_time": st.train_time, "status": st.status, "note": st.note})
+            "scheduler": st.scheduler.state_dict(), "rng": rngs, "history": st.history,
+            "train_time": st.train_time, "status": st.status, "note": st.note, "resumptions": st.resumptions})
+    D.barrier()
 
 
 def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str, Any], dict[str, float]]:
@@ -280,7 +286,8 @@ def evaluate_epoch(st: TrainState, metrics: dict[str, Any], timing: dict[str, fl
 def summarize(st: TrainState) -> dict[str, Any]:
     history, job = st.history, st.job
     summary: dict[str, Any] = {"status": st.status, "note": st.note, "epochs": history,
-                               "resumed_from": st.resumed_from, "epochs_done": len(history),
+                               "resumed_from": st.resumed_from, "resumptions": st.resumptions,
+                               "epochs_done": len(history),
                                "train_time_s": st.train_time,
                                "images_per_s": job.num_train * len(history) / st.train_time if st.train_time else 0.0,
                                "final_train_loss": history[-1]["train_loss"] if history else float("nan")}
@@ -298,9 +305,10 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}.
 
     With `checkpoint`, the state after every epoch (model, minimizer and base optimizer, scheduler, epoch,
-    RNG states, metrics so far) is saved there atomically, and an existing checkpoint is resumed from:
-    the batches of an epoch depend only on (seed, epoch), so a resumed run is bit-identical to an
-    uninterrupted one. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv)."""
+    every rank's RNG states, metrics so far) is saved there atomically, and an existing checkpoint is
+    resumed from: the batches of an epoch depend only on (seed, epoch), so a resumed run is bit-identical to
+    an uninterrupted one; the summary's `resumptions` counts the resumes, across processes. `on_epoch(history)`
+    is called after every epoch (the runner logs epochs.csv)."""
     reporter = reporter or Reporter()
     st = setup(cfg, job, device)
     if checkpoint is not None and checkpoint.exists():

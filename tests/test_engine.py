@@ -96,3 +96,64 @@ def test_rng_streams_survive_a_weights_only_round_trip(tmp_path):
     assert (np.random.randn(3).tolist(), random.random(), torch.rand(2).tolist()) == expected
     with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a numpy.float64"):
         ckpt.save(tmp_path / "d.pt", {"x": np.float64(1.0)})  # would be refused at resume: refused now
+
+
+def test_single_process_resume_counts_resumptions_and_matches(tmp_path):
+    cfg = tiny_cfg(epochs=3)
+    straight_job = fresh_process_job(cfg, 0)
+    straight = train(cfg, straight_job, CPU, checkpoint=tmp_path / "a.pt")
+    for stop_after in (1, 2):
+        with pytest.raises(Interrupted, match=f"after epoch {stop_after} of 3"):
+            stop = StopFlag()
+            stop.set = True
+            train(cfg, fresh_process_job(cfg, 0), CPU, checkpoint=tmp_path / "b.pt", stop=stop)
+    torch.manual_seed(999)  # a new process starts from some other RNG state: the checkpoint's must win
+    job = fresh_process_job(cfg, 0)
+    resumed = train(cfg, job, CPU, checkpoint=tmp_path / "b.pt")
+    assert (straight["resumptions"], resumed["resumptions"], resumed["resumed_from"]) == (0, 2, 2)
+    assert _metrics(straight) == _metrics(resumed)
+    assert _same_weights(straight_job.model.state_dict(), job.model.state_dict())
+
+
+def _metrics(summary):
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in summary["epochs"]]
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+
+def _resume_worker(rank, world, rdv, out):
+    _init(rank, world, rdv)
+    cfg = tiny_cfg(world)
+    results = {}
+    job = fresh_process_job(cfg, rank)
+    results["straight"] = (train(cfg, job, CPU, checkpoint=Path(out) / "straight.pt"), job.model.state_dict())
+    stop = StopFlag()
+    stop.set = True
+    for _ in range(2):  # interrupted after epoch 1, then after epoch 2, each time in a "new process"
+        try:
+            train(cfg, fresh_process_job(cfg, rank), CPU, checkpoint=Path(out) / "resumed.pt", stop=stop)
+        except Interrupted:
+            pass
+        dist.barrier()
+    job = fresh_process_job(cfg, rank)
+    results["resumed"] = (train(cfg, job, CPU, checkpoint=Path(out) / "resumed.pt"), job.model.state_dict())
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_run_resumed_twice_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    # Dropout draws from each rank's own RNG stream: restoring rank 0's stream on rank 1 changes rank 1's
+    # masks, hence the averaged gradients and the weights of both ranks.
+    mp.start_processes(_resume_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        (straight, w_straight), (resumed, w_resumed) = r["straight"], r["resumed"]
+        assert (straight["resumptions"], resumed["resumptions"], resumed["resumed_from"]) == (0, 2, 2)
+        assert _metrics(straight) == _metrics(resumed) and len(resumed["epochs"]) == 3
+        assert _same_weights(w_straight, w_resumed), f"rank {rank}"
+        assert all(math.isfinite(h["train_loss"]) for h in resumed["epochs"])
