@@ -279,8 +279,18 @@ def evaluate_epoch(st: TrainState, metrics: dict[str, Any], timing: dict[str, fl
         return
     job = st.job
     evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, st.device, job.topk))
+    if D.is_distributed():
+        average_norm_statistics(st.model)
     metrics.update(evaluate(st.model))
     metrics.update(timing)
+
+
+def average_norm_statistics(model: nn.Module) -> None:
+    """Under DDP each rank's BatchNorm running statistics come from its own batches: evaluate every rank
+    with their mean (num_batches_tracked is equal anyway). DDP then broadcasts rank 0's, now the mean, at
+    the next training forward, as it always does."""
+    D.average_([b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                for b in (m.running_mean, m.running_var) if b is not None])
 
 
 def summarize(st: TrainState) -> dict[str, Any]:

@@ -157,3 +157,34 @@ def test_two_process_run_resumed_twice_is_bit_identical_to_an_uninterrupted_one(
         assert _metrics(straight) == _metrics(resumed) and len(resumed["epochs"]) == 3
         assert _same_weights(w_straight, w_resumed), f"rank {rank}"
         assert all(math.isfinite(h["train_loss"]) for h in resumed["epochs"])
+
+
+def _bn_worker(rank, world, rdv, out):
+    _init(rank, world, rdv)
+    cfg = tiny_cfg(world, epochs=1, minimizer="sgd")
+    job = tiny_job(bn=True)
+    bn = job.model[1]
+    seen = {}
+
+    def after_forward(module, inputs, output):  # the rank's own statistics after each training batch
+        if module.training:
+            seen["trained"] = (module.running_mean.clone(), module.running_var.clone())
+
+    def evaluate(model):
+        seen["evaluated"] = (bn.running_mean.clone(), bn.running_var.clone())
+        return {}
+
+    bn.register_forward_hook(after_forward)
+    job.evaluate, job.track = evaluate, ()
+    train(cfg, job, CPU)
+    torch.save(seen, Path(out) / f"bn{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_batchnorm_statistics_are_averaged_across_ranks_before_evaluation(tmp_path):
+    mp.start_processes(_bn_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"bn{r}.pt") for r in range(2))
+    for i in range(2):  # running_mean, running_var
+        assert not torch.equal(r0["trained"][i], r1["trained"][i])  # each rank saw its own batches
+        assert torch.equal(r0["evaluated"][i], r1["evaluated"][i])
+        assert torch.allclose(r0["evaluated"][i], (r0["trained"][i] + r1["trained"][i]) / 2, rtol=0, atol=1e-7)
