@@ -25,7 +25,7 @@ from bench import distributed as D
 from bench.errors import UserError
 from bench.results import atomic_replace
 
-VERSION = 2  # 2: plain values only (weights_only loading), every rank's RNG state, the resumption count
+VERSION = 2  # 2: plain values only (weights_only loading), every rank's RNG state, resumptions, task state
 PLAIN = (int, float, str, bool, bytes, type(None))
 
 

@@ -199,6 +199,8 @@ def resume(st: TrainState, path: Path) -> None:
     st.history, st.train_time = state["history"], state["train_time"]
     st.status, st.note = state.get("status", "ok"), state.get("note", "")
     ckpt.restore_rng_state(state["rng"], path)  # this rank's own streams (see bench.checkpoint)
+    if st.job.load_state_dict is not None and state["task"] is not None:
+        st.job.load_state_dict(state["task"])
     st.epoch = st.resumed_from = state["epoch"]
     st.resumptions = state["resumptions"] + 1
 
@@ -212,7 +214,8 @@ def save(st: TrainState, path: Path) -> None:
             "version": ckpt.VERSION, "run_id": st.cfg.run_id, "epoch": st.epoch,
             "model": st.model.state_dict(), "minimizer": st.minimizer.state_dict(),
             "scheduler": st.scheduler.state_dict(), "rng": rngs, "history": st.history,
-            "train_time": st.train_time, "status": st.status, "note": st.note, "resumptions": st.resumptions})
+            "train_time": st.train_time, "status": st.status, "note": st.note, "resumptions": st.resumptions,
+            "task": st.job.state_dict() if st.job.state_dict is not None else None})
     D.barrier()
 
 
@@ -315,10 +318,10 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}.
 
     With `checkpoint`, the state after every epoch (model, minimizer and base optimizer, scheduler, epoch,
-    every rank's RNG states, metrics so far) is saved there atomically, and an existing checkpoint is
-    resumed from: the batches of an epoch depend only on (seed, epoch), so a resumed run is bit-identical to
-    an uninterrupted one; the summary's `resumptions` counts the resumes, across processes. `on_epoch(history)`
-    is called after every epoch (the runner logs epochs.csv)."""
+    every rank's RNG states, metrics so far, the task's `Job.state_dict()`) is saved there atomically, and
+    an existing checkpoint is resumed from: the batches of an epoch depend only on (seed, epoch), so a
+    resumed run is bit-identical to an uninterrupted one; the summary's `resumptions` counts the resumes,
+    across processes. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv)."""
     reporter = reporter or Reporter()
     st = setup(cfg, job, device)
     if checkpoint is not None and checkpoint.exists():
