@@ -40,7 +40,7 @@ class EpochSampler(Sampler):
 
 
 class SeededItems(Dataset):
-    """Wraps a dataset so that example i of epoch e is augmented with torch's RNG seeded from
+    """Wraps a dataset so that example i of epoch e is augmented with torch's CPU RNG seeded from
     (seed, e, i): augmentation no longer depends on the number of workers, on which worker loads an
     example, or on whether the run was resumed, so a resumed run is bit-identical to an uninterrupted one."""
 
@@ -53,7 +53,9 @@ class SeededItems(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout, ...) untouched
-            torch.manual_seed(stream_seed(self.seed, epoch, index))
+            # the CPU generator only: torch.manual_seed would also reseed every CUDA generator, which
+            # fork_rng(devices=[]) does not restore (the loader may run in the training process)
+            torch.default_generator.manual_seed(stream_seed(self.seed, epoch, index))
             return self.base[index]
 
 

@@ -54,6 +54,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def average_(tensors: list[torch.Tensor]) -> None:
+    """Replace every tensor by its mean over the ranks, in place (SUM then divide: gloo has no AVG)."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world_size())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

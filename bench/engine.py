@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench import checkpoint as ckpt
 from bench import distributed as D
 from bench.config import RunConfig
 from bench.data import set_epoch
 from bench.errors import UserError
 from bench.minimizers import Minimizer, create_minimizer
-from bench.results import atomic_replace
 from bench.task import Job
 
 
@@ -151,47 +152,28 @@ class StopFlag:
         self.set = False
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+@dataclass
+class TrainState:
+    """Everything `train` works on: what `setup` builds, what `resume` restores, what `save` writes."""
+    cfg: RunConfig
+    job: Job
+    device: torch.device
+    model: nn.Module                  # the task's module: what is checkpointed and evaluated
+    net: nn.Module                    # what trains: the model, compiled and/or wrapped in DDP
+    base: torch.optim.Optimizer
+    minimizer: Minimizer
+    scheduler: Any
+    sched_unit: str                   # the scheduler steps per "epoch" or per "step"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_time: float = 0.0
+    status: str = "ok"                # ok | diverged
+    note: str = ""
+    epoch: int = 0                    # epochs done
+    resumed_from: int = 0             # epochs done when this call resumed (0: started afresh)
+    resumptions: int = 0              # times this run was resumed from its checkpoint, this call included
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save through a temporary file and an atomic rename: a kill leaves the old file or the new."""
-    atomic_replace(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path, run_id: str) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "epoch" not in state:
-            raise ValueError("not a sambench checkpoint")
-    except Exception as e:  # truncated, corrupt, or not ours
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or pass --restart "
-                        "to start this run over") from None
-    if state.get("run_id") != run_id:
-        raise UserError(f"checkpoint {path} belongs to run {state.get('run_id')}, not {run_id}; "
-                        "delete it or pass --restart")
-    return state
-
-
-def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | None = None,
-          checkpoint: Path | None = None, on_epoch=None, stop: StopFlag | None = None) -> dict[str, Any]:
-    """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}.
-
-    With `checkpoint`, the state after every epoch (model, minimizer and base optimizer, scheduler, epoch,
-    RNG states, metrics so far) is saved there atomically, and an existing checkpoint is resumed from:
-    the batches of an epoch depend only on (seed, epoch), so a resumed run is bit-identical to an
-    uninterrupted one. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv)."""
-    reporter = reporter or Reporter()
+def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
     model = job.model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -201,108 +183,162 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     if D.is_distributed():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     base = make_base_optimizer(cfg, model)
-    minimizer: Minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta,
-                                            bn_second_pass=cfg.bn_second_pass,
-                                            second_pass_rng=cfg.second_pass_rng, clip_norm=cfg.clip_norm)
-    first_pass_context = ascent_context(net, cfg.sync_perturbation)
+    minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta,
+                                 bn_second_pass=cfg.bn_second_pass, second_pass_rng=cfg.second_pass_rng,
+                                 clip_norm=cfg.clip_norm)
     scheduler, sched_unit = make_scheduler(cfg, base)
-    evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, device, job.topk))
+    return TrainState(cfg, job, device, model, net, base, minimizer, scheduler, sched_unit)
+
+
+def resume(st: TrainState, path: Path) -> None:
+    """Restore the state saved after the last finished epoch."""
+    state = ckpt.load(path, st.cfg.run_id)
+    st.model.load_state_dict(state["model"])
+    st.minimizer.load_state_dict(state["minimizer"])
+    st.scheduler.load_state_dict(state["scheduler"])
+    st.history, st.train_time = state["history"], state["train_time"]
+    st.status, st.note = state.get("status", "ok"), state.get("note", "")
+    ckpt.restore_rng_state(state["rng"], path)  # this rank's own streams (see bench.checkpoint)
+    if st.job.load_state_dict is not None and state["task"] is not None:
+        st.job.load_state_dict(state["task"])
+    st.epoch = st.resumed_from = state["epoch"]
+    st.resumptions = state["resumptions"] + 1
+
+
+def save(st: TrainState, path: Path) -> None:
+    """Rank 0 writes the checkpoint, with every rank's RNG state; all ranks must call it. No rank returns
+    before the file is written: a rank that stops (Interrupted) and restarts must not find the old one."""
+    rngs = ckpt.gather_rng_states()
+    if D.is_main():
+        ckpt.save(path, {
+            "version": ckpt.VERSION, "run_id": st.cfg.run_id, "epoch": st.epoch,
+            "model": st.model.state_dict(), "minimizer": st.minimizer.state_dict(),
+            "scheduler": st.scheduler.state_dict(), "rng": rngs, "history": st.history,
+            "train_time": st.train_time, "status": st.status, "note": st.note, "resumptions": st.resumptions,
+            "task": st.job.state_dict() if st.job.state_dict is not None else None})
+    D.barrier()
+
+
+def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train one epoch; return its training metrics (loss, accuracy if it classifies) and its timings."""
+    cfg, job, device = st.cfg, st.job, st.device
+    first_pass_context = ascent_context(st.net, cfg.sync_perturbation)
     count = job.count or (lambda y: y.shape[0])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
+    st.net.train()
+    set_epoch(job.train_loader, epoch - 1)
+    reporter.start_epoch(epoch, cfg.epochs, _len(job.train_loader))
+    lr = st.base.param_groups[0]["lr"]
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
+    data_time, classifies = 0.0, False
+    _sync(device)
+    t0 = t_data = time.perf_counter()
+    for x, y in job.train_loader:
+        x, y = to_device(x, device), to_device(y, device)
+        data_time += time.perf_counter() - t_data
 
-    history: list[dict[str, Any]] = []
-    train_time = 0.0
-    status, note = "ok", ""
-    start = 1
-    resumed_from = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, cfg.run_id)
-        model.load_state_dict(state["model"])
-        minimizer.load_state_dict(state["minimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, train_time = state["history"], state["train_time"]
-        status, note = state.get("status", "ok"), state.get("note", "")
-        _set_rng_state(state["rng"])
-        resumed_from = state["epoch"]  # epochs already done
-        start = resumed_from + 1
-    for epoch in range(start, cfg.epochs + 1):
-        if status != "ok":
-            break
-        net.train()
-        set_epoch(job.train_loader, epoch - 1)
-        reporter.start_epoch(epoch, cfg.epochs, _len(job.train_loader))
-        lr = base.param_groups[0]["lr"]
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
-        data_time, classifies = 0.0, False
-        _sync(device)
-        t0 = time.perf_counter()
-        t_data = time.perf_counter()
-        for x, y in job.train_loader:
-            x, y = to_device(x, device), to_device(y, device)
-            data_time += time.perf_counter() - t_data
+        def closure():
+            with autocast:  # bf16: forward and loss only; gradients land in the fp32 parameters
+                out = forward(st.net, x)
+                loss = job.loss_fn(out, y)
+            loss.backward()
+            return loss.detach(), out.detach()
 
-            def closure():
-                with autocast:  # bf16: forward and loss only; gradients land in the fp32 parameters
-                    out = forward(net, x)
-                    loss = job.loss_fn(out, y)
-                loss.backward()
-                return loss.detach(), out.detach()
-
-            loss, out = minimizer.step(closure, first_pass_context)
-            if sched_unit == "step":
-                scheduler.step()
-            n = count(y)
-            sums[0] += loss.double() * n  # accumulate on the device: no host sync per step
-            classifies = out.dim() == 2 and y.dim() == 1
-            if classifies:
-                sums[1] += (out.argmax(1) == y).sum()
-            sums[2] += n
-            reporter.advance()
-            t_data = time.perf_counter()
-        _sync(device)
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        if sched_unit == "epoch":
-            scheduler.step()
-        D.all_reduce_sum(sums)
-        seen = max(sums[2].item(), 1)
-        train_loss = sums[0].item() / seen
-        metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+        loss, out = st.minimizer.step(closure, first_pass_context)
+        if st.sched_unit == "step":
+            st.scheduler.step()
+        n = count(y)
+        sums[0] += loss.double() * n  # accumulate on the device: no host sync per step
+        classifies = out.dim() == 2 and y.dim() == 1
         if classifies:
-            metrics["train_acc"] = 100.0 * sums[1].item() / seen
-        if not math.isfinite(train_loss):
-            status, note = "diverged", f"non-finite training loss at epoch {epoch}"
-            metrics["epoch_time_s"] = epoch_time
-        else:
-            metrics.update(evaluate(model))
-            # data_time: time this process waited for batches; loader_items_per_s: what the loader delivered
-            # while it was being waited on. A data_time close to epoch_time means the GPU starves.
-            metrics.update(epoch_time_s=epoch_time, data_time_s=data_time,
-                           loader_items_per_s=seen / D.world_size() / data_time if data_time > 0 else float("inf"))
-        history.append(metrics)
-        reporter.end_epoch(metrics)
-        if checkpoint is not None and D.is_main():
-            save_checkpoint(checkpoint, {
-                "version": 1, "run_id": cfg.run_id, "epoch": epoch, "model": model.state_dict(),
-                "minimizer": minimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                "history": history, "train_time": train_time, "status": status, "note": note})
-        if on_epoch is not None:
-            on_epoch(history)
-        if stop is not None and stop.set and epoch < cfg.epochs and status == "ok":
-            raise Interrupted(f"stopped after epoch {epoch} of {cfg.epochs}")
+            sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += n
+        reporter.advance()
+        t_data = time.perf_counter()
+    _sync(device)
+    epoch_time = time.perf_counter() - t0
+    st.train_time += epoch_time
+    if st.sched_unit == "epoch":
+        st.scheduler.step()
+    D.all_reduce_sum(sums)
+    seen = max(sums[2].item(), 1)
+    metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / seen}
+    if classifies:
+        metrics["train_acc"] = 100.0 * sums[1].item() / seen
+    # data_time: time this process waited for batches; loader_items_per_s: what the loader delivered while it
+    # was being waited on. A data_time close to epoch_time means the GPU starves.
+    timing = {"epoch_time_s": epoch_time, "data_time_s": data_time,
+              "loader_items_per_s": seen / D.world_size() / data_time if data_time > 0 else float("inf")}
+    return metrics, timing
 
-    summary: dict[str, Any] = {"status": status, "note": note, "epochs": history, "resumed_from": resumed_from,
-                               "epochs_done": len(history), "train_time_s": train_time,
-                               "images_per_s": job.num_train * len(history) / train_time if train_time else 0.0,
+
+def evaluate_epoch(st: TrainState, metrics: dict[str, Any], timing: dict[str, float]) -> None:
+    """Add the task's evaluation and the timings to an epoch's metrics, or mark the run diverged (then the
+    epoch reports its time only)."""
+    if not math.isfinite(metrics["train_loss"]):
+        st.status, st.note = "diverged", f"non-finite training loss at epoch {metrics['epoch']}"
+        metrics["epoch_time_s"] = timing["epoch_time_s"]
+        return
+    job = st.job
+    evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, st.device, job.topk))
+    if D.is_distributed():
+        average_norm_statistics(st.model)
+    metrics.update(evaluate(st.model))
+    metrics.update(timing)
+
+
+def average_norm_statistics(model: nn.Module) -> None:
+    """Under DDP each rank's BatchNorm running statistics come from its own batches: evaluate every rank
+    with their mean (num_batches_tracked is equal anyway). DDP then broadcasts rank 0's, now the mean, at
+    the next training forward, as it always does."""
+    D.average_([b for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                for b in (m.running_mean, m.running_var) if b is not None])
+
+
+def summarize(st: TrainState) -> dict[str, Any]:
+    history, job = st.history, st.job
+    summary: dict[str, Any] = {"status": st.status, "note": st.note, "epochs": history,
+                               "resumed_from": st.resumed_from, "resumptions": st.resumptions,
+                               "epochs_done": len(history),
+                               "train_time_s": st.train_time,
+                               "images_per_s": job.num_train * len(history) / st.train_time if st.train_time else 0.0,
                                "final_train_loss": history[-1]["train_loss"] if history else float("nan")}
     for key in job.track:
         values = [h[key] for h in history if key in h]
         summary[f"max_{key}"] = max(values) if values else float("nan")
         summary[f"final_{key}"] = values[-1] if values else float("nan")
-    if job.finalize is not None and status == "ok":
-        summary.update(job.finalize(model))
+    if job.finalize is not None and st.status == "ok":
+        summary.update(job.finalize(st.model))
     return summary
+
+
+def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | None = None,
+          checkpoint: Path | None = None, on_epoch=None, stop: StopFlag | None = None) -> dict[str, Any]:
+    """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}.
+
+    With `checkpoint`, the state after every epoch (model, minimizer and base optimizer, scheduler, epoch,
+    every rank's RNG states, metrics so far, the task's `Job.state_dict()`) is saved there atomically, and
+    an existing checkpoint is resumed from: the batches of an epoch depend only on (seed, epoch), so a
+    resumed run is bit-identical to an uninterrupted one; the summary's `resumptions` counts the resumes,
+    across processes. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv)."""
+    reporter = reporter or Reporter()
+    st = setup(cfg, job, device)
+    if checkpoint is not None and checkpoint.exists():
+        resume(st, checkpoint)
+    while st.status == "ok" and st.epoch < cfg.epochs:
+        metrics, timing = run_epoch(st, st.epoch + 1, reporter)
+        evaluate_epoch(st, metrics, timing)
+        st.epoch += 1
+        st.history.append(metrics)
+        reporter.end_epoch(metrics)
+        if checkpoint is not None:
+            save(st, checkpoint)
+        if on_epoch is not None:
+            on_epoch(st.history)
+        if stop is not None and stop.set and st.epoch < cfg.epochs and st.status == "ok":
+            raise Interrupted(f"stopped after epoch {st.epoch} of {cfg.epochs}")
+    return summarize(st)
 
 
 def _len(loader) -> int | None:

@@ -14,7 +14,8 @@ number of parameters. The perturbation is computed in place in the first-pass gr
 the ascent) and the unperturbed weights are kept in one persistent parameter-sized buffer: SAM/ASAM hold
 one copy of the parameters more than the base optimizer.
 
-This module depends on torch only: minimizers see parameters and gradients, never data or files.
+This module depends on torch only (and bench.errors): minimizers see parameters and gradients, never data
+or files.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from bench.errors import UserError
 
 BN_SECOND_PASS = ("update", "freeze")
 SECOND_PASS_RNG = ("fresh", "reuse")
@@ -229,6 +232,8 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 # The registry: a new minimizer is one class with the SAM interface plus `@register_minimizer("name")`.
 MINIMIZERS: dict[str, type[Minimizer]] = {}
+# Names that mean "the base optimizer alone" (bench.config.OPTIMIZERS; tasks name theirs in base_optimizer).
+BASE_NAMES = ("sgd", "adam", "adamw")
 
 
 def register_minimizer(name: str):
@@ -242,12 +247,18 @@ register_minimizer("sam")(SAM)
 register_minimizer("asam")(ASAM)
 
 
-def create_minimizer(name: str, base_optimizer: torch.optim.Optimizer, model: nn.Module,
-                     **hparams) -> Minimizer:
+def create_minimizer(name: str, base_optimizer: torch.optim.Optimizer, model: nn.Module, *,
+                     base_names: tuple[str, ...] = BASE_NAMES, **hparams) -> Minimizer:
     """Build a minimizer by name, passing only the hyperparameters its constructor takes.
 
-    A name that is not registered (a task's base optimizer: "sgd", "adam") means the base optimizer alone.
-    """
-    cls = MINIMIZERS.get(name, Minimizer)
+    A name in `base_names` (a task's base optimizer: "sgd", "adam") means the base optimizer alone; any
+    other name must be registered: a typo must not silently train without SAM."""
+    if name in MINIMIZERS:
+        cls = MINIMIZERS[name]
+    elif name in base_names:
+        cls = Minimizer
+    else:
+        raise UserError(f"unknown minimizer {name!r}; choose one of: {', '.join(MINIMIZERS)}, or a base "
+                        f"optimizer alone: {', '.join(base_names)}")
     accepted = inspect.signature(cls.__init__).parameters
     return cls(base_optimizer, model, **{k: v for k, v in hparams.items() if k in accepted})

@@ -29,6 +29,10 @@ class Job:
     topk: tuple[int, ...] = (1,)      # default evaluation: top-k accuracies (test_acc, test_top5, ...)
     count: Callable | None = None     # examples in a target batch for averaging (default: y.shape[0])
     finalize: Callable[[nn.Module], dict[str, Any]] | None = None  # after training: extra row metrics
+    # What the task keeps between epochs (e.g. the best weights so far): saved in every checkpoint and handed
+    # back on resume. Tensors and plain Python values only (checkpoints are loaded with weights_only=True).
+    state_dict: Callable[[], dict[str, Any]] | None = None
+    load_state_dict: Callable[[dict[str, Any]], None] | None = None
     synthetic: bool = False           # trained on generated data: never mixed with real runs in reports
     info: dict[str, Any] = field(default_factory=dict)  # extra task facts for the results row
 

@@ -15,8 +15,9 @@ Every epoch `evaluate` reports on the validation set: `valid_loss` (cross entrop
 no smoothing), `valid_bleu` (tokenized BLEU, BPE removed, as fairseq reports IWSLT'14) and
 `valid_sacrebleu` (Moses-detokenized, sacrebleu 13a), decoding with beam search (`eval_beam`, 5, and
 fairseq's example `--eval-bleu-args` max_len_a 1.2, max_len_b 10). The weights of the best `valid_bleu` are
-kept (a CPU copy); `finalize` decodes the test set with them (`test_beam` 5, fairseq-generate's defaults
-max_len_a 0, max_len_b 200, lenpen 1) -> `test_bleu`, `test_sacrebleu`, `best_epoch`.
+kept (a CPU copy, saved in the checkpoint too: a resumed run keeps them); `finalize` decodes the test set
+with them (`test_beam` 5, fairseq-generate's defaults max_len_a 0, max_len_b 200, lenpen 1) -> `test_bleu`,
+`test_sacrebleu`, `best_epoch`.
 Under torchrun the validation loss is summed over ranks and the sentences to decode are split across
 ranks and gathered, so every rank gets the same scores.
 """
@@ -178,13 +179,14 @@ class IWSLT14Task(Task):
         train = TokenBatchLoader(corpus.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
         valid = TokenBatchLoader(corpus.valid, cfg.batch_size, shuffle=False, rank=0, world=1)
         model = create_transformer(cfg.model, len(corpus.src_dict), len(corpus.tgt_dict))
-        best: dict[str, Any] = {"bleu": -math.inf, "state": None, "epoch": 0}
-        epoch = [0]
+        # What the task keeps between epochs, hence saved in the checkpoint (Job.state_dict): the best
+        # validation BLEU so far, its epoch and its weights (a CPU copy), and the epochs evaluated.
+        best: dict[str, Any] = {"bleu": -math.inf, "epoch": 0, "weights": None, "evaluated": 0}
 
         @torch.no_grad()
         def evaluate(model) -> dict[str, float]:
             model.eval()
-            epoch[0] += 1
+            best["evaluated"] += 1
             dev = next(model.parameters()).device
             sums = torch.zeros(2, dtype=torch.float64, device=dev)
             for b in valid.order()[D.rank()::D.world_size()]:
@@ -198,17 +200,17 @@ class IWSLT14Task(Task):
             scores = self.decode(model, corpus.valid, corpus.tgt_dict, self.eval_beam, self.eval_max_len_a,
                                  self.eval_max_len_b, cfg.batch_size)
             if scores["bleu"] > best["bleu"]:
-                best.update(bleu=scores["bleu"], epoch=epoch[0],
-                            state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+                best.update(bleu=scores["bleu"], epoch=best["evaluated"],
+                            weights={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
             return {"valid_loss": sums[0].item() / max(sums[1].item(), 1), "valid_bleu": scores["bleu"],
                     "valid_sacrebleu": scores["sacrebleu"]}
 
         @torch.no_grad()
         def finalize(model) -> dict[str, Any]:
             final = None
-            if best["state"] is not None:
+            if best["weights"] is not None:
                 final = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                model.load_state_dict(best["state"])
+                model.load_state_dict(best["weights"])
             scores = self.decode(model, corpus.test, corpus.tgt_dict, self.test_beam, self.test_max_len_a,
                                  self.test_max_len_b, cfg.batch_size)
             if final is not None:
@@ -217,7 +219,8 @@ class IWSLT14Task(Task):
 
         return Job(model=model, train_loader=train, test_loader=valid, loss_fn=LabelSmoothedCrossEntropy(
                    cfg.label_smoothing), num_train=len(corpus.train), evaluate=evaluate, track=("valid_bleu",),
-                   count=count_tokens, finalize=finalize, synthetic=corpus.synthetic,
+                   count=count_tokens, finalize=finalize, state_dict=lambda: dict(best),
+                   load_state_dict=best.update, synthetic=corpus.synthetic,
                    info={"train_size": len(corpus.train), "valid_size": len(corpus.valid),
                          "test_size": len(corpus.test), "src_vocab": len(corpus.src_dict),
                          "tgt_vocab": len(corpus.tgt_dict)})

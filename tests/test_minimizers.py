@@ -268,3 +268,23 @@ def test_second_pass_randomness(cls, mode):
     assert not torch.equal(first, third)  # the next step always draws anew
     with pytest.raises(ValueError):
         cls(torch.optim.SGD(net.parameters(), lr=0.1), net, second_pass_rng="same")
+
+
+def test_unknown_minimizer_name_is_refused_with_the_valid_ones():
+    from bench.errors import UserError
+    net = small_net()
+    base = torch.optim.SGD(net.parameters(), lr=0.1)
+    for name in ("sma", "SAM", ""):
+        with pytest.raises(UserError) as e:
+            create_minimizer(name, base, net, rho=0.1)
+        msg = str(e.value)
+        assert "\n" not in msg and repr(name) in msg and all(v in msg for v in ("sam", "asam", "sgd", "adam"))
+    assert type(create_minimizer("adam", base, net, rho=0.1)) is Minimizer  # a base optimizer alone
+    with pytest.raises(UserError):
+        create_minimizer("adam", base, net, base_names=("sgd",))
+
+
+def test_every_task_base_optimizer_runs_plain():
+    from bench.minimizers import BASE_NAMES
+    from bench.registry import get_task, task_names
+    assert {get_task(t).base_optimizer for t in task_names()} <= set(BASE_NAMES)

@@ -323,3 +323,34 @@ def test_fake_archive_prepared_then_trained_end_to_end(tmp_path):
         task.eval_beam, task.test_beam = beam
     assert row["status"] == "ok" and row["synthetic"] is True and math.isfinite(row["test_bleu"])
     assert row["src_vocab"] == len(c.src_dict) and row["train_size"] == len(c.train)
+
+
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(corpus_dir, tmp_path):
+    # The best-validation weights and the epoch counter live in the task between epochs: they must come
+    # back from the checkpoint, or best_epoch / test_bleu after a resume describe the wrong epoch.
+    from bench.engine import Interrupted, StopFlag, seed_everything, train
+    task = get_task("iwslt14-de-en")
+    cfg = make_config("iwslt14-de-en", model="transformer_tiny", minimizer="sam", epochs=4, batch_size=256,
+                      lr=3e-3, warmup_steps=50, data_dir=str(corpus_dir), device="cpu")
+    cpu = torch.device("cpu")
+
+    def fresh_process_job():
+        seed_everything(cfg.seed)
+        return task.build(cfg, cpu)
+
+    job = fresh_process_job()
+    straight = train(cfg, job, cpu, checkpoint=tmp_path / "straight.pt")
+    straight_weights = job.model.state_dict()
+    stop = StopFlag()
+    stop.set = True
+    for stop_after in (1, 2):
+        with pytest.raises(Interrupted, match=f"after epoch {stop_after} of 4"):
+            train(cfg, fresh_process_job(), cpu, checkpoint=tmp_path / "resumed.pt", stop=stop)
+    job = fresh_process_job()
+    resumed = train(cfg, job, cpu, checkpoint=tmp_path / "resumed.pt")
+    assert straight["best_epoch"] > 2, straight  # the test's power: the best epoch comes after the resumes
+    assert resumed["resumptions"] == 2 and resumed["resumed_from"] == 2
+    for key in ("best_epoch", "test_bleu", "test_sacrebleu", "max_valid_bleu", "final_valid_bleu"):
+        assert resumed[key] == straight[key], key
+    assert [h["valid_bleu"] for h in resumed["epochs"]] == [h["valid_bleu"] for h in straight["epochs"]]
+    assert all(torch.equal(straight_weights[k], v) for k, v in job.model.state_dict().items())

@@ -1,0 +1,111 @@
+"""The per-epoch checkpoint: writing it atomically, reading it without running code, and the RNG streams.
+
+A checkpoint is a dict of tensors and plain Python values (numbers, strings, lists, tuples, dicts) only, so
+it is read with `torch.load(weights_only=True)`: a file planted in a shared results folder cannot run code
+in whoever resumes it. Nothing needs allow-listing: numpy's RNG state is stored as a tensor, not an array.
+
+RNG streams under data parallelism: every rank's state is gathered into rank 0's checkpoint and each rank
+restores its own on resume (rather than re-deriving per-rank streams from (seed, rank, epoch) at every
+epoch start), so an uninterrupted run draws exactly the numbers it drew before resuming was made exact.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bench import distributed as D
+from bench.errors import UserError
+from bench.results import atomic_replace
+
+VERSION = 2  # 2: plain values only (weights_only loading), every rank's RNG state, resumptions, task state
+PLAIN = (int, float, str, bool, bytes, type(None))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG streams (python, numpy, torch CPU, CUDA) as tensors and plain values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]] | None:
+    """Every rank's RNG state, in rank order, on rank 0 (None on the others). All ranks must call it."""
+    mine = rng_state()
+    if not D.is_distributed():
+        return [mine]
+    states: list | None = [None] * D.world_size() if D.is_main() else None
+    dist.gather_object(mine, states, dst=0)
+    return states
+
+
+def restore_rng_state(states: list[dict[str, Any]], path: Path) -> None:
+    """Restore this rank's own stream from a checkpoint's per-rank states."""
+    if len(states) != D.world_size():
+        raise UserError(f"checkpoint {path} holds the RNG states of {len(states)} processes but "
+                        f"{D.world_size()} run; resume with as many, or delete it or pass --restart")
+    set_rng_state(states[D.rank()])
+
+
+def check_plain(value: Any, where: str = "checkpoint") -> None:
+    """Refuse (as a bug, at save time) what weights_only loading would refuse at resume time. Types are
+    compared exactly: numpy.float64 is a float subclass, but it pickles as a numpy object."""
+    if isinstance(value, (torch.Tensor, torch.Size)) or type(value) in PLAIN:
+        return
+    if type(value) in (dict, OrderedDict):
+        for key, v in value.items():
+            check_plain(key, where)
+            check_plain(v, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds "
+                        "tensors and plain Python values only (it is loaded with weights_only=True)")
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """torch.save through a temporary file and an atomic rename: a kill leaves the old file or the new."""
+    check_plain(state)
+    atomic_replace(path, lambda f: torch.save(state, f))
+
+
+def load(path: Path, run_id: str) -> dict[str, Any]:
+    """The checkpoint of `run_id` at `path`, read without running code; a one-line UserError otherwise."""
+    fix = "delete it or pass --restart to start this run over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a damaged pickle, not a refused one
+            raise UserError(f"checkpoint {path} is unreadable (UnpicklingError); {fix}") from None
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e)))) or ["an unknown object"]
+        raise UserError(f"checkpoint {path} holds {', '.join(found)}, which no sambench checkpoint holds; "
+                        f"it was not loaded (loading it could run code): {fix}") from None
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}") from None
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise UserError(f"checkpoint {path} is unreadable (not a sambench checkpoint); {fix}")
+    if state.get("version") != VERSION:
+        raise UserError(f"checkpoint {path} is in format {state.get('version')}, this sambench reads format "
+                        f"{VERSION}; {fix}")
+    if state.get("run_id") != run_id:
+        raise UserError(f"checkpoint {path} belongs to run {state.get('run_id')}, not {run_id}; {fix}")
+    return state
