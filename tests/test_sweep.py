@@ -181,7 +181,7 @@ def test_killed_sweepers_run_is_taken_over_and_resumed(tmp_path):
     assert f"taking over {run.name} from" in second.stdout and f"pid {first.pid} is gone" in second.stdout
     assert "resuming" in (run / "output.log").read_text()
     df = rows(res)
-    assert len(df) == 1 and df.status[0] == "ok" and df.epochs_done[0] == 3
+    assert len(df) == 1 and df.status[0] == "ok" and df.epochs_done[0] == 3 and df.resumptions[0] == 1
     assert read_record(res, run.name)["status"] == "ok"
 
 

@@ -114,9 +114,11 @@ class Sweeper:
                         continue
                     outcome = self.attempt(tp, cfg)
                     if outcome == "held":
-                        waiting.append(cfg.run_id)
+                        waiting.append(cfg)
                     elif outcome:
                         counts[outcome] += 1
+                # a pass that trained runs took a while: count only the runs still held by others now
+                waiting = [c.run_id for c in waiting if self.state(c) == "todo"]
                 if not waiting:
                     break
                 new = sorted(set(waiting) - announced)
