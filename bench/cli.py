@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.config import DEFAULTS as RUN_DEFAULTS
 from bench.engine import Interrupted, Reporter, StopFlag, default_workers
 from bench.errors import UserError
 
@@ -65,8 +64,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _run_settings(ctx: typer.Context, config: Optional[str]) -> dict[str, Any]:
+    """The RunConfig settings of `bench run`: its flags, with a --config file's values under them.
+
+    A flag the user typed (or set through its environment variable) wins over the file whatever its value,
+    even when it equals the default: `--seed 0` beside a file saying `seed = 3` means seed 0. Flags left
+    out give way to the file, and then to the recipe (None)."""
+    from bench.config import FIELD_NAMES, read_config_file
+
+    settings = {k: v for k, v in ctx.params.items() if k in FIELD_NAMES and k != "task"}
+    for key, value in (read_config_file(config) if config else {}).items():
+        source = ctx.get_parameter_source(key)  # None for a setting with no flag (optimizer, beta2)
+        # By name: typer >= 0.29 brings its own copy of click, whose ParameterSource is another enum class.
+        if getattr(source, "name", None) not in ("COMMANDLINE", "ENVIRONMENT"):
+            settings[key] = value
+    return settings
+
+
 @app.command("run")
 def run_cmd(
+    ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="Task name (see `bench list`).")],
     model: Annotated[Optional[str], typer.Option(help="Model name; default: the task's.")] = None,
     minimizer: Annotated[Optional[str], typer.Option(help="sam, asam, or the task's base optimizer "
@@ -119,20 +136,12 @@ def run_cmd(
     from bench.runner import execute, make_config
 
     with user_errors():
-        settings = {k: v for k, v in locals().items()
-                    if k not in ("task", "quiet", "get_task", "execute", "make_config", "D", "config", "restart",
-                                 "keep_checkpoint")}
-        if config:
-            from bench.config import read_config_file
-            file_settings = read_config_file(config)
-            for key, value in file_settings.items():
-                if settings.get(key) is None or settings[key] == RUN_DEFAULTS.get(key):
-                    settings[key] = value
+        settings = _run_settings(ctx, config)
         if settings["minimizer"] is None:
             settings["minimizer"] = get_task(task).base_optimizer
         if settings["workers"] is None:
             settings["workers"] = default_workers()
-        D.init_from_env(device)  # torchrun: join the process group (a no-op in a single process)
+        D.init_from_env(settings["device"])  # torchrun: join the process group (no-op in one process)
         settings["world_size"] = D.world_size()
         cfg = make_config(task, **settings)
         quiet = quiet or not D.is_main()

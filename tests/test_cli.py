@@ -111,3 +111,24 @@ def test_report_command(three_runs, tmp_path):
     assert invoke("report", "--results-dir", tmp_path / "none").exit_code == 2
     bad = invoke("report", "--results-dir", results, "--plot", "cifar10")
     assert bad.exit_code == 2 and "TASK:MODEL" in bad.output
+
+
+def test_typed_flags_win_over_the_config_file_even_at_their_defaults(fake_cifar10, tmp_path):
+    # The file sets another lr and seed; the command line types the defaults (0.1, 0). The typed values
+    # win; the file still supplies what was not typed (epochs, batch size, workers).
+    conf = tmp_path / "c.toml"
+    conf.write_text("lr = 0.05\nseed = 3\nepochs = 1\nbatch_size = 64\nworkers = 0\n")
+    r = invoke("run", "cifar10", "--config", conf, "--lr", 0.1, "--seed", 0, "--data-dir", fake_cifar10,
+               "--results-dir", tmp_path / "res")
+    assert r.exit_code == 0, r.output
+    assert "epochs=1 batch=64 lr=0.1 seed=0" in r.output
+    row = pd.read_csv(tmp_path / "res" / "cifar10.csv").iloc[0]
+    assert (row.lr, row.seed, row.epochs, row.batch_size, row.workers) == (0.1, 0, 1, 64, 0)
+
+
+def test_environment_variable_wins_over_the_config_file(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'data_dir = "{tmp_path / "from-file"}"\n')
+    r = runner.invoke(app, ["run", "cifar10", "--config", str(conf), "--quiet"],
+                      env={"SAMBENCH_DATA_DIR": str(tmp_path / "from-env")})
+    assert r.exit_code == 2 and "from-env" in r.output and "from-file" not in r.output
