@@ -161,3 +161,15 @@ def run_plan(plans: list[TablePlan], on_start: Callable[[RunConfig, int, int], N
         if on_end:
             on_end(row)
     return counts
+
+
+def planned_settings(tables: dict[str, dict], presets: list[str]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """What `bench report` holds runs against: table -> preset -> the settings (`RunConfig.identity()`) of
+    every run `bench reproduce --preset PRESET` plans for that table. A table takes a plan from each given
+    preset it has; a table without any, or whose task is not built, plans nothing."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for preset in dict.fromkeys(presets):  # a preset given twice counts once
+        for tp in plan(tables, [], preset, workers=0, force=True):  # force: no need to read the results
+            if tp.runs:
+                out.setdefault(tp.name, {})[preset] = [c.identity() for c in tp.runs]
+    return out
