@@ -291,12 +291,19 @@ def report_cmd(
                                                         "of this checkout.")] = None,
     plot: Annotated[Optional[list[str]], typer.Option(help="TASK:MODEL to plot (repeatable); default: "
                                                            "every group with epoch logs, at most 12.")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option(
+        help="Whose plan the cells hold (repeatable): full (the papers' recipes, default), smoke, demo. Runs "
+             "no plan names are listed apart, never averaged into a cell.")] = None,
 ):
-    """Turn the result CSVs into markdown tables shaped like the papers', our numbers beside theirs."""
+    """Turn the result CSVs into markdown tables shaped like the papers', our numbers beside theirs.
+
+    A cell averages only the runs `bench reproduce --preset PRESET` plans for it (same settings, any
+    seed); every other run is listed under "Other runs" with the settings in which it differs."""
     from pathlib import Path
 
     from bench.registry import tables_file
     from bench.report import write_report
+    from bench.reproduce import load_tables as load_plan_tables, planned_settings
 
     with user_errors():
         if not Path(results_dir).is_dir():
@@ -311,7 +318,9 @@ def report_cmd(
             if bad:
                 raise UserError(f"--plot takes TASK:MODEL, got {bad[0]!r}")
             pairs = [tuple(p.split(":", 1)) for p in plot]
-        text = write_report(results_dir, out_path, targets_path, tables_file(), plots=pairs)
+        # The plans come from here (they need the task registry); the report itself stays torch-free.
+        plans = planned_settings(load_plan_tables(tables_file()), preset or ["full"])
+        text = write_report(results_dir, out_path, targets_path, tables_file(), plans, plots=pairs)
         console.print(text, highlight=False, markup=False)
         console.print(f"wrote {out_path}", highlight=False)
 
