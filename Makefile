@@ -28,7 +28,7 @@ smoke: install
 	rm -rf $(SMOKE)
 	$(BENCH) reproduce --preset demo --results-dir $(SMOKE) --device cpu
 	$(BENCH) reproduce --preset smoke --results-dir $(SMOKE) --device cpu
-	$(BENCH) report --results-dir $(SMOKE)
+	$(BENCH) report --results-dir $(SMOKE) --preset demo --preset smoke
 
 # Every paper table with the papers' recipes (GPU-days; resumable: re-run to continue).
 reproduce: install

@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.config import DEFAULTS as RUN_DEFAULTS
 from bench.engine import Interrupted, Reporter, StopFlag, default_workers
 from bench.errors import UserError
 
@@ -66,8 +65,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _run_settings(ctx: typer.Context, config: Optional[str]) -> dict[str, Any]:
+    """The RunConfig settings of `bench run`: its flags, with a --config file's values under them.
+
+    A flag the user typed (or set through its environment variable) wins over the file whatever its value,
+    even when it equals the default: `--seed 0` beside a file saying `seed = 3` means seed 0. Flags left
+    out give way to the file, and then to the recipe (None)."""
+    from bench.config import FIELD_NAMES, read_config_file
+
+    settings = {k: v for k, v in ctx.params.items() if k in FIELD_NAMES and k != "task"}
+    for key, value in (read_config_file(config) if config else {}).items():
+        source = ctx.get_parameter_source(key)  # None for a setting with no flag (optimizer, beta2)
+        # By name: typer >= 0.29 brings its own copy of click, whose ParameterSource is another enum class.
+        if getattr(source, "name", None) not in ("COMMANDLINE", "ENVIRONMENT"):
+            settings[key] = value
+    return settings
+
+
 @app.command("run")
 def run_cmd(
+    ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="Task name (see `bench list`).")],
     model: Annotated[Optional[str], typer.Option(help="Model name; default: the task's.")] = None,
     minimizer: Annotated[Optional[str], typer.Option(help="sam, asam, or the task's base optimizer "
@@ -122,20 +139,12 @@ def run_cmd(
     from bench.runner import AlreadyDone, execute, make_config
 
     with user_errors():
-        settings = {k: v for k, v in locals().items()
-                    if k not in ("task", "quiet", "get_task", "execute", "make_config", "D", "config", "restart",
-                                 "keep_checkpoint", "force", "AlreadyDone")}
-        if config:
-            from bench.config import read_config_file
-            file_settings = read_config_file(config)
-            for key, value in file_settings.items():
-                if settings.get(key) is None or settings[key] == RUN_DEFAULTS.get(key):
-                    settings[key] = value
+        settings = _run_settings(ctx, config)
         if settings["minimizer"] is None:
             settings["minimizer"] = get_task(task).base_optimizer
         if settings["workers"] is None:
             settings["workers"] = default_workers()
-        D.init_from_env(device)  # torchrun: join the process group (a no-op in a single process)
+        D.init_from_env(settings["device"])  # torchrun: join the process group (no-op in one process)
         settings["world_size"] = D.world_size()
         cfg = make_config(task, **settings)
         quiet = quiet or not D.is_main()
@@ -366,12 +375,19 @@ def report_cmd(
                                                         "of this checkout.")] = None,
     plot: Annotated[Optional[list[str]], typer.Option(help="TASK:MODEL to plot (repeatable); default: "
                                                            "every group with epoch logs, at most 12.")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option(
+        help="Whose plan the cells hold (repeatable): full (the papers' recipes, default), smoke, demo. Runs "
+             "no plan names are listed apart, never averaged into a cell.")] = None,
 ):
-    """Turn the result CSVs into markdown tables shaped like the papers', our numbers beside theirs."""
+    """Turn the result CSVs into markdown tables shaped like the papers', our numbers beside theirs.
+
+    A cell averages only the runs `bench reproduce --preset PRESET` plans for it (same settings, any
+    seed); every other run is listed under "Other runs" with the settings in which it differs."""
     from pathlib import Path
 
     from bench.registry import tables_file
     from bench.report import write_report
+    from bench.sweep.plan import load_tables as load_plan_tables, planned_settings
 
     with user_errors():
         if not Path(results_dir).is_dir():
@@ -386,7 +402,9 @@ def report_cmd(
             if bad:
                 raise UserError(f"--plot takes TASK:MODEL, got {bad[0]!r}")
             pairs = [tuple(p.split(":", 1)) for p in plot]
-        text = write_report(results_dir, out_path, targets_path, tables_file(), plots=pairs)
+        # The plans come from here (they need the task registry); the report itself stays torch-free.
+        plans = planned_settings(load_plan_tables(tables_file()), preset or ["full"])
+        text = write_report(results_dir, out_path, targets_path, tables_file(), plans, plots=pairs)
         console.print(text, highlight=False, markup=False)
         console.print(f"wrote {out_path}", highlight=False)
 

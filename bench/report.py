@@ -1,9 +1,27 @@
 """`bench report`: result CSVs + the papers' figures -> markdown shaped like the papers' tables, plus curves.
 
-A pure function of files: it reads `<results>/*.csv`, the paper-targets CSV and tasks/tables.toml, and
-writes markdown and PNGs. It trains nothing and imports no torch, so it runs anywhere the CSVs are.
-Synthetic-data runs are a pipeline check, so they are never averaged with real-data runs nor set beside
-the paper's figures.
+A pure function of files and plain data: it reads `<results>/*.csv`, the paper-targets CSV and
+tasks/tables.toml, is handed the plans (per table and preset, the settings of every run `bench reproduce`
+would run: `bench.sweep.plan.planned_settings`), and writes markdown and PNGs. It trains nothing and imports
+no torch and no task, so it runs anywhere the CSVs are.
+
+Like beside like, because a reader takes a cell for "this recipe, over seeds":
+- A paper cell averages only the runs its table's plan names: the same settings (`RunConfig.identity()`)
+  as a planned run, any seed. A run that differs in anything that changes what is computed (epochs, lr,
+  rho, batch size, precision, world size, ...) is another experiment and never enters a cell. Where and
+  how fast a run went (device, workers, loader, compile, ...) is not a setting and separates nothing.
+- A table shows the plans of every given preset it has, one section per preset when it has several. The
+  papers' figures and the difference to them stand only beside cells of the `full` preset (the papers'
+  recipes); a smoke or demo cell has nothing to be compared with.
+- Every other run is still shown, under "Other runs": one line per exact setting (its seeds averaged),
+  saying in which settings it differs from the planned run of the same task/model/minimizer/noise, else
+  from the closest planned run of its task (fewest differing settings). Runs of tasks no plan covers are
+  listed there too, by the settings that vary among them. Failed runs are listed apart, never averaged.
+- A setting missing from an older CSV (a column added since) takes RunConfig's default, the value that
+  run used unless that default has changed since.
+- Synthetic-data runs are a pipeline check: never averaged with real-data runs nor set beside the paper's
+  figures. The SAM-paper section uses only runs of a `full` plan (none plans the SAM paper's recipes yet).
+- Curves draw one line per exact setting too: seeds averaged, different settings never.
 """
 from __future__ import annotations
 
@@ -14,6 +32,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from bench.cells import Plans, match_plans, pct, presets
 from bench.errors import UserError
 
 try:
@@ -30,6 +49,7 @@ DASH, DAGGER = "–", "†"
 FOOTNOTE = f"{DAGGER} recalled from the paper, not yet cross-checked against the PDF."
 SYNTHETIC = " — synthetic data (pipeline check; not comparable to the paper)"
 MAX_PLOTS = 12
+PAPER_PRESET = "full"  # the preset that runs the papers' recipes: only its cells stand beside their figures
 
 
 def _read_csv(path: Path, what: str, required: list[str], **kw: Any) -> pd.DataFrame | None:
@@ -163,10 +183,6 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["---"] * len(header)), *map(line, rows), ""]
 
 
-def _pct(noise: float) -> str:
-    return f"{noise * 100:.4g} %"
-
-
 def _row_keys(t: dict, runs: pd.DataFrame, all_models: bool) -> tuple[str, list[tuple]]:
     """(row-axis name, [(label, model, noise or None)]) in the paper's order, then anything else we ran."""
     present = list(runs["model"].dropna().unique())
@@ -179,12 +195,13 @@ def _row_keys(t: dict, runs: pd.DataFrame, all_models: bool) -> tuple[str, list[
     # Name the model only when a row could otherwise be mistaken for the paper's model.
     one = len(present) == 1 and present[0] in listed
     return ("noise" if one else "model, noise"), [
-        (_pct(p.noise) if one else f"{p.model}, {_pct(p.noise)}", p.model, p.noise) for p in pairs]
+        (pct(p.noise) if one else f"{p.model}, {pct(p.noise)}", p.model, p.noise) for p in pairs]
 
 
-def _table_section(t: dict, runs: pd.DataFrame, figs: dict, synthetic: bool) -> list[str]:
-    with_paper = not synthetic and t.get("paper") != "demo"
-    out = [f"## {t['title']}{SYNTHETIC if synthetic else ''}", ""]
+def _table_section(t: dict, runs: pd.DataFrame, figs: dict, synthetic: bool, preset: str = PAPER_PRESET,
+                   suffix: str = "") -> list[str]:
+    with_paper = not synthetic and t.get("paper") != "demo" and preset == PAPER_PRESET
+    out = [f"## {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""]
     axis, rows = _row_keys(t, runs, all_models=not synthetic)
     mins = list(t["minimizers"]) + sorted(set(runs["minimizer"].dropna()) - set(t["minimizers"]))
     header = [axis]
@@ -214,10 +231,12 @@ def _table_section(t: dict, runs: pd.DataFrame, figs: dict, synthetic: bool) -> 
 
 
 def _sam_section(results: pd.DataFrame, targets: pd.DataFrame) -> list[str]:
+    """The SAM paper's figures beside our runs of a `full` plan with the same task/model/minimizer."""
     sam = targets[targets["paper"] == "sam"]
     if sam.empty:
         return []
-    real = results[~results["synthetic"] & (results["noise"] == 0)]  # the SAM paper's figures are clean data
+    full = results["in_plans"].map(lambda pairs: any(p == PAPER_PRESET for _, p in pairs)).astype(bool)
+    real = results[full & ~results["synthetic"] & (results["noise"] == 0)]  # its figures are clean data
     body, daggers = [], False
     for r in sam.to_dict("records"):
         column = "max_test_acc" if r["metric"] in ("max_test_acc", "top1") else None
@@ -240,31 +259,86 @@ def _failed_section(results: pd.DataFrame) -> list[str]:
     return ["## Failed runs", ""] + _md_table(cols, body) if body else []
 
 
-def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict,
+def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, plans: Plans,
                   source: str | None = None) -> str:
-    """The report as markdown. `source` names the results folder (default: the one load_results read)."""
+    """The report as markdown. `plans`: table -> preset -> settings of each planned run (see the module
+    docstring). `source` names the results folder (default: the one load_results read)."""
     source = source or results.attrs.get("results_dir", "?")
-    results = _normalise(results)
+    plans = {name: p for name, p in plans.items() if name in tables}  # a cell needs its table to be shown
+    results = match_plans(_normalise(results), plans)
     counts = results["status"].value_counts()
     order = sorted(counts.index, key=lambda s: (["ok", "diverged", "failed", s].index(s), s))
     status = ", ".join(f"{counts[s]} {s}" for s in order)
     out = ["# sambench report", "", f"{len(results)} runs read from `{source}`"
            + (f" ({status})." if status else "."), ""]
-    covered = {t["task"] for t in tables.values()}
-    others = results.loc[~results["task"].isin(covered), "task"].value_counts()
-    if len(others):
-        out += ["Runs of tasks that no table in tables.toml covers (not shown): "
-                + ", ".join(f"{task} ({n})" for task, n in others.items()) + ".", ""]
+    others = results[~results["planned"] & (results["status"] != "failed")]
+    out += [f"A cell holds only the runs its table plans for preset {_names(presets(plans))} "
+            "(the same settings, any seed)" + (f"; the {len(others)} other runs are under Other runs."
+                                               if len(others) else "."), ""]
     figs = _figures(targets)
-    for t in tables.values():
-        runs = results[results["task"] == t["task"]]
-        real, fake = runs[~runs["synthetic"]], runs[runs["synthetic"]]
-        if len(real):
-            out += _table_section(t, real, figs, synthetic=False)
-        if len(fake):
-            out += _table_section(t, fake, figs, synthetic=True)
-    out += _sam_section(results, targets) + _failed_section(results)
+    for name, t in tables.items():
+        given = list(plans.get(name, {}))
+        for preset in given:
+            runs = results[results["in_plans"].map(lambda pairs: (name, preset) in pairs).astype(bool)]
+            suffix = f" (preset {preset})" if len(given) > 1 else ""
+            for fake in (False, True):
+                part = runs[runs["synthetic"] == fake]
+                if len(part):
+                    out += _table_section(t, part, figs, synthetic=fake, preset=preset, suffix=suffix)
+    out += _other_section(others, tables, plans) + _sam_section(results, targets) + _failed_section(results)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _names(names: list[str]) -> str:
+    return " and ".join(names) or "(none)"
+
+
+def _unplanned(task: str, tables: dict, given: list[str]) -> str:
+    having = [f"table {n} has preset {_names(list(t.get('presets', {})))}"
+              for n, t in tables.items() if t["task"] == task]
+    why = (f"No table plans task {task} for preset {_names(given)} ({'; '.join(having)})" if having
+           else f"No table in tables.toml covers task {task}")
+    return why + "; its runs are told apart by the settings that vary among them."
+
+
+def _other_section(others: pd.DataFrame, tables: dict, plans: Plans) -> list[str]:
+    """Runs in no cell, one line per exact setting (seeds averaged), by task and kind of data."""
+    if others.empty:
+        return []
+    out = ["## Other runs", "", "Runs no plan above names, so they are in no cell: one line per setting, with "
+           "the settings in which it differs from the planned run it is compared with.", ""]
+    tasks = _rank(t["task"] for t in tables.values())
+    models = _rank(m for t in tables.values() for m in t.get("models", []))
+    mins = _rank(ORDER)
+    for (task, fake), runs in sorted(others.groupby(["task", "synthetic"], dropna=False),
+                                     key=lambda g: (tasks(g[0][0]), g[0][1])):
+        mine = [t for t in tables.values() if t["task"] == task]
+        metrics = {k: v for t in mine for k, v in t["metrics"].items()} or {"max_test_acc": "max_test_acc"}
+        noisy = bool((runs["noise"] != 0).any()) or any(t["rows"] == "noise" for t in mine)
+        out += [f"### {task}" + (" — synthetic data" if fake else ""), ""]
+        if (runs["compared"] == "").all():
+            out += [_unplanned(str(task), tables, presets(plans)), ""]
+        groups: dict[tuple, list] = {}
+        for i, k in zip(runs.index, runs["settings"]):
+            groups.setdefault(k, []).append(i)
+        body = []
+        for g in sorted((runs.loc[i] for i in groups.values()), key=lambda g: (
+                models(g["model"].iloc[0]), mins(g["minimizer"].iloc[0]), g["noise"].iloc[0], g["differs"].iloc[0])):
+            r = g.iloc[0]
+            body.append([r["model"], r["minimizer"], *([pct(r["noise"])] if noisy else []),
+                         r["differs"] or DASH, r["compared"] or DASH,
+                         *(_ours(g, column)[0] for column in metrics.values())])
+        header = ["model", "minimizer", *(["noise"] if noisy else []), "settings", "compared with", *metrics]
+        out += _md_table(header, body)
+    return out
+
+
+def _rank(names) -> Callable[[Any], tuple]:
+    """A sort key: the given names first, in their order (first mention wins), then the rest by name."""
+    order: dict[str, int] = {}
+    for name in names:
+        order.setdefault(name, len(order))
+    return lambda name: (order.get(name, len(order)), str(name))
 
 
 def _read_epochs(path: Path) -> pd.Series | None:
@@ -277,7 +351,8 @@ def _read_epochs(path: Path) -> pd.Series | None:
 
 def plot_curves(results_dir: str | Path, results: pd.DataFrame, task: str, model: str, out_png: str | Path,
                 noise: float | None = None, synthetic: bool | None = None) -> bool:
-    """Test accuracy per epoch: mean over seeds, band = min..max. False (nothing written) without logs."""
+    """Test accuracy per epoch: mean over seeds, band = min..max. False (nothing written) without logs.
+    Runs with a `variant` column (from match_plans) get one line per variant."""
     runs = _normalise(results)
     runs = runs[(runs["task"] == task) & (runs["model"] == model) & (runs["status"] == "ok")]
     if noise is not None:
@@ -289,8 +364,8 @@ def plot_curves(results_dir: str | Path, results: pd.DataFrame, task: str, model
         path = Path(results_dir) / "runs" / str(r.run_id) / "epochs.csv"
         acc = _read_epochs(path) if path.is_file() else None
         if acc is not None and len(acc):
-            # Separate lines per noise rate and data kind: those are never averaged together.
-            curves.setdefault((r.minimizer, r.noise, r.synthetic), []).append(acc)
+            # Separate lines per noise rate, data kind and setting: those are never averaged together.
+            curves.setdefault((r.minimizer, r.noise, r.synthetic, getattr(r, "variant", "")), []).append(acc)
     if not curves:
         return False
 
@@ -304,12 +379,13 @@ def plot_curves(results_dir: str | Path, results: pd.DataFrame, task: str, model
     many_noise = len({k[1] for k in curves}) > 1
     many_kinds = len({k[2] for k in curves}) > 1
     rank = {m: i for i, m in enumerate(ORDER)}
-    for key in sorted(curves, key=lambda k: (rank.get(k[0], len(ORDER)), k[0], k[1], k[2])):
-        m, rate, fake = key
+    for key in sorted(curves, key=lambda k: (rank.get(k[0], len(ORDER)), k[0], k[1], k[2], k[3])):
+        m, rate, fake, variant = key
         seeds = pd.concat(curves[key], axis=1).sort_index()  # epochs x runs
         n = seeds.shape[1]
-        label = NAMES.get(m, m.upper()) + (f", noise {_pct(rate)}" if many_noise else "")
-        label += (" (synthetic)" if fake and many_kinds else "") + f" ({n} run{'s' * (n > 1)})"
+        label = NAMES.get(m, m.upper()) + (f", noise {pct(rate)}" if many_noise else "")
+        label += (" (synthetic)" if fake and many_kinds else "") + (f", {variant}" if variant else "")
+        label += f" ({n} run{'s' * (n > 1)})"
         (line,) = ax.plot(seeds.index, seeds.mean(axis=1), label=label)
         ax.fill_between(seeds.index, seeds.min(axis=1), seeds.max(axis=1), color=line.get_color(),
                         alpha=0.2, lw=0)
@@ -348,16 +424,16 @@ def _plot_groups(results: pd.DataFrame, tables: dict, plots: list | None) -> lis
 
 
 def _what(task: str, model: str, noise: float | None, synthetic: bool | None) -> str:
-    return (f"{task} / {model}" + (f", noise {_pct(noise)}" if noise else "")
+    return (f"{task} / {model}" + (f", noise {pct(noise)}" if noise else "")
             + (" (synthetic data)" if synthetic else ""))
 
 
 def write_report(results_dir: str | Path, out_path: str | Path, targets_path: str | Path,
-                 tables_path: str | Path, plots: list | None = None) -> str:
+                 tables_path: str | Path, plans: Plans, plots: list | None = None) -> str:
     """Render the report to `out_path` with its curves as PNGs beside it; returns the markdown."""
-    results = load_results(results_dir)
+    results = match_plans(load_results(results_dir), plans)
     tables = load_tables(tables_path)
-    md = render_report(results, load_targets(targets_path), tables, source=str(results_dir))
+    md = render_report(results, load_targets(targets_path), tables, plans, source=str(results_dir))
     out = Path(out_path)
     links, made = [], set()
     for task, model, noise, fake in _plot_groups(results, tables, plots):

@@ -106,8 +106,52 @@ def test_report_command(three_runs, tmp_path):
     r = invoke("report", "--results-dir", results, "--out", out, "--plot", "cifar10:resnet20")
     assert r.exit_code == 0, r.output
     text = out.read_text()
-    assert "ASAM Table 2: CIFAR-10" in text and "synthetic data" in text
+    # 2 epochs at batch 64 is no preset's plan: listed apart from the (empty) Table 2, by its differences.
+    assert "ASAM Table 2" not in text and "### cifar10 — synthetic data" in text
+    assert "| resnet20 | asam | epochs=2, batch_size=64 | table2 (full) |" in text
     assert (tmp_path / "r-cifar10-resnet20-synthetic.png").exists()
     assert invoke("report", "--results-dir", tmp_path / "none").exit_code == 2
     bad = invoke("report", "--results-dir", results, "--plot", "cifar10")
     assert bad.exit_code == 2 and "TASK:MODEL" in bad.output
+
+
+def test_typed_flags_win_over_the_config_file_even_at_their_defaults(fake_cifar10, tmp_path):
+    # The file sets another lr and seed; the command line types the defaults (0.1, 0). The typed values
+    # win; the file still supplies what was not typed (epochs, batch size, workers).
+    conf = tmp_path / "c.toml"
+    conf.write_text("lr = 0.05\nseed = 3\nepochs = 1\nbatch_size = 64\nworkers = 0\n")
+    r = invoke("run", "cifar10", "--config", conf, "--lr", 0.1, "--seed", 0, "--data-dir", fake_cifar10,
+               "--results-dir", tmp_path / "res")
+    assert r.exit_code == 0, r.output
+    assert "epochs=1 batch=64 lr=0.1 seed=0" in r.output
+    row = pd.read_csv(tmp_path / "res" / "cifar10.csv").iloc[0]
+    assert (row.lr, row.seed, row.epochs, row.batch_size, row.workers) == (0.1, 0, 1, 64, 0)
+
+
+def test_environment_variable_wins_over_the_config_file(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'data_dir = "{tmp_path / "from-file"}"\n')
+    r = runner.invoke(app, ["run", "cifar10", "--config", str(conf), "--quiet"],
+                      env={"SAMBENCH_DATA_DIR": str(tmp_path / "from-env")})
+    assert r.exit_code == 2 and "from-env" in r.output and "from-file" not in r.output
+
+
+def test_report_preset_smoke_on_a_hand_made_folder(tmp_path):
+    from bench.registry import tables_file
+    from bench.sweep.plan import load_tables, planned_settings
+
+    smoke = planned_settings(load_tables(tables_file()), ["smoke"])["table2"]["smoke"]
+    rows = [{**s, "run_id": f"r{i}", "status": "ok", "synthetic": True, "max_test_acc": 30.0 + i}
+            for i, s in enumerate(smoke)]
+    rows.append({**rows[0], "run_id": "off", "lr": 0.5, "max_test_acc": 90.0})
+    pd.DataFrame(rows).to_csv(tmp_path / "cifar10.csv", index=False)
+    r = invoke("report", "--results-dir", tmp_path, "--preset", "smoke")
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "report.md").read_text()
+    assert "## ASAM Table 2: CIFAR-10, maximum test accuracy (%) — synthetic data" in text
+    assert "| resnet20 | 30.00 (1) | 31.00 (1) | 32.00 (1) |" in text
+    assert "| resnet20 | sgd | lr=0.5 | table2 (smoke) | 90.00 (1) |" in text
+    # The default preset (full) plans none of these: all four are other runs.
+    assert "the 4 other runs" in invoke("report", "--results-dir", tmp_path).output
+    bad = invoke("report", "--results-dir", tmp_path, "--preset", "huge")
+    assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output

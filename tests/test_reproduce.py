@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from bench.cli import app
 from bench.errors import UserError
 from bench.registry import get_task, tables_file
-from bench.sweep.plan import describe, load_tables, plan
+from bench.sweep.plan import describe, load_tables, plan, planned_settings
 from bench.sweep.sweeper import Sweeper
 
 TABLES = load_tables(tables_file())
@@ -39,6 +39,19 @@ def test_full_plan_matches_the_paper_matrix(tmp_path):
     assert len(plan(TABLES, ["table2"], "full", seeds=2, results_dir=str(tmp_path))[0].runs) == 8 * 3 * 2
     assert all(c.download for c in plan(TABLES, ["table3"], "full", download=True)[0].runs)
     assert not any(c.download for c in plan(TABLES, ["table3"], "smoke", download=True)[0].runs)
+
+
+def test_planned_settings_per_table_and_preset():
+    got = planned_settings(TABLES, ["demo", "smoke", "smoke"])  # a preset given twice counts once
+    assert {name: list(by_preset) for name, by_preset in got.items()} == {
+        "demo": ["demo"], **{f"table{i}": ["smoke"] for i in range(2, 7)}}
+    t2 = got["table2"]["smoke"]
+    assert t2 == [c.identity() for c in plan(TABLES, ["table2"], "smoke")[0].runs]
+    assert {(s["minimizer"], s["epochs"], s["batch_size"]) for s in t2} == {(m, 2, 32) for m in ("sgd", "sam", "asam")}
+    assert "device" not in t2[0] and "seed" in t2[0]
+    assert planned_settings({"tableX": UNBUILT}, ["full"]) == {}  # an unbuilt task plans nothing
+    with pytest.raises(UserError, match="unknown preset"):
+        planned_settings(TABLES, ["huge"])
 
 
 def test_bad_arguments():

@@ -137,3 +137,15 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
                  + (f", {unknown} runs without a measured speed (run one epoch on your GPU to measure)"
                     if unknown else ""))
     return lines
+
+
+def planned_settings(tables: dict[str, dict], presets: list[str]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """What `bench report` holds runs against: table -> preset -> the settings (`RunConfig.identity()`) of
+    every run `bench reproduce --preset PRESET` plans for that table. A table takes a plan from each given
+    preset it has; a table without any, or whose task is not built, plans nothing."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for preset in dict.fromkeys(presets):  # a preset given twice counts once
+        for tp in plan(tables, [], preset, workers=0, force=True):  # force: no need to read the results
+            if tp.runs:
+                out.setdefault(tp.name, {})[preset] = [c.identity() for c in tp.runs]
+    return out
