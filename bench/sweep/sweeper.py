@@ -26,7 +26,7 @@ from filelock import FileLock
 from bench.config import RunConfig
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.results import FINISHED, atomic_write, read_record, run_folder
+from bench.results import FINISHED, atomic_write, read_record, run_folder, sync_csvs
 from bench.runner import completed_run_ids, record_failure
 from bench.sweep.claims import ENV, HEARTBEAT_EVERY, STALE_AFTER, Claims, Heartbeat
 from bench.sweep.plan import TablePlan, load_tables, plan
@@ -101,6 +101,7 @@ class Sweeper:
     def run(self) -> Counter:
         """Sweep until nothing is left to do; counts by outcome."""
         counts: Counter = Counter()
+        sync_csvs(self.results_dir)  # a CSV a crash left one run behind is whole again before we start
         runs = [(tp, c) for tp in self.plans for c in tp.runs]
         counts["skipped"] = sum(self.state(c) == "done" for _, c in runs)
         announced: set[str] = set()
