@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.engine import Interrupted, Reporter, StopFlag, default_workers
+from bench.engine import Interrupted, Reporter, StopFlag, default_workers, handling_sigint
 from bench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -181,8 +181,6 @@ def run_cmd(
 @contextlib.contextmanager
 def graceful_sigint(stop):
     """First Ctrl-C: ask the run to stop at the end of the epoch (after its checkpoint). Second: stop now."""
-    import signal
-
     def handler(signum, frame):
         if stop.set:
             raise KeyboardInterrupt
@@ -190,15 +188,8 @@ def graceful_sigint(stop):
         err_console.print("Ctrl-C: finishing this epoch, then saving and stopping (Ctrl-C again: stop now)",
                           highlight=False)
 
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread (e.g. inside a test runner): no handler
+    with handling_sigint(handler):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:

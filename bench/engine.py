@@ -152,6 +152,22 @@ class StopFlag:
         self.set = False
 
 
+@contextlib.contextmanager
+def handling_sigint(handler):
+    """Call `handler(signum, frame)` on SIGINT inside the block (outside the main thread, e.g. in a test
+    runner, no handler can be set and the block runs as it is)."""
+    import signal
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class TrainState:
     """Everything `train` works on: what `setup` builds, what `resume` restores, what `save` writes."""

@@ -273,7 +273,8 @@ def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, pl
            + (f" ({status})." if status else "."), ""]
     others = results[~results["planned"] & (results["status"] != "failed")]
     out += [f"A cell holds only the runs its table plans for preset {_names(presets(plans))} "
-            "(the same settings, any seed)" + (f"; the {len(others)} other runs are under Other runs."
+            "(the same settings, any seed)" + (f"; the {len(others)} other run{'s' * (len(others) > 1)} "
+                                               f"{'are' if len(others) > 1 else 'is'} under Other runs."
                                                if len(others) else "."), ""]
     figs = _figures(targets)
     for name, t in tables.items():

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from filelock import FileLock
 
 from bench.config import RunConfig
+from bench.engine import handling_sigint
 from bench.errors import UserError
 from bench.registry import get_task
 from bench.results import FINISHED, atomic_write, read_record, run_folder, sync_csvs
@@ -191,22 +192,9 @@ def _wait(proc: subprocess.Popen) -> int:
 
 def _sigint_stops(sweeper: Sweeper):
     """Ctrl-C: the running child finishes its epoch and checkpoints; the sweeper then starts nothing new."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def handler():
-        def on_sigint(signum, frame):
-            sweeper.stopping = True
-        try:
-            previous = signal.signal(signal.SIGINT, on_sigint)
-        except ValueError:  # not the main thread
-            yield
-            return
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    return handler()
+    def on_sigint(signum, frame):
+        sweeper.stopping = True
+    return handling_sigint(on_sigint)
 
 
 def _die_with_parent() -> None:
