@@ -276,3 +276,18 @@ def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch):
                                  "--results-dir", str(tmp_path / "r")])
     assert r.exit_code == 2 and "--launcher slurm needs submitit: pip install 'sambench[cluster]'" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_failure_record_keeps_first_line_log_and_oom_hint(tmp_path):
+    import torch
+
+    from bench.runner import make_config, record_failure
+    cfg = make_config("cifar10", minimizer="sam", results_dir=str(tmp_path))
+    row = record_failure(cfg, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+                         "Traceback (most recent call last):\n  ...\n")
+    log = tmp_path / "runs" / cfg.run_id / "error.log"
+    assert row["status"] == "failed" and log.read_text().startswith("Traceback")
+    assert row["note"] == ("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; out of memory: lower "
+                           "batch_size (now 128 per replica, e.g. --batch-size 64), or use --precision bf16, or "
+                           f"spread the run over more GPUs (traceback: {log})")
+    assert rows(tmp_path, "cifar10").note[0] == row["note"]
