@@ -265,63 +265,31 @@ def reproduce_cmd(
             if launcher != "slurm":
                 return
         if launcher == "slurm":
-            return _launch_slurm(spec, plans, dry_run, partition, time_limit, gpus_per_run, nodes_per_run,
-                                 max_parallel, cpus_per_gpu, slurm_option or [], slurm_cluster)
+            params = launch.slurm_parameters(partition=partition, time_min=time_limit, gpus_per_run=gpus_per_run,
+                                             nodes_per_run=nodes_per_run, max_parallel=max_parallel,
+                                             cpus_per_gpu=cpus_per_gpu,
+                                             options=launch.parse_slurm_options(slurm_option or []))
+            return launch.launch_slurm(spec, plans, params, dry_run, slurm_cluster or "slurm", say)
         for tp in plans:
             if tp.skipped:
                 console.print(f"[yellow]{tp.name}: skipped:[/] {tp.skipped}", highlight=False)
             elif tp.done:
                 console.print(f"{tp.name}: {len(tp.done)} of {len(tp.runs)} runs already done", highlight=False)
         if launcher == "local":
-            import torch
-            ids = launch.parse_gpus(gpus, torch.cuda.device_count()) if gpus else None
-            codes = launch.run_local(spec, ids, workers_per_node)
-            console.print(f"{len(codes)} workers finished; `bench reproduce --status --results-dir {results_dir}`"
-                          " shows the tables", highlight=False)
-            if any(codes):
+            if not launch.launch_local(spec, gpus, workers_per_node, say):
                 raise typer.Exit(1)
             return
         counts = spec.sweeper().run()
         console.print("done: " + ", ".join(f"{v} {k}" for k, v in counts.items()), highlight=False)
 
 
+def say(text: str) -> None:
+    console.print(text, highlight=False, markup=False)
+
+
 def _print_lines(lines: list[str]) -> None:
     for line in lines:
-        console.print(line, highlight=False, markup=False)
-
-
-def _launch_slurm(spec, plans, dry_run: bool, partition, time_limit, gpus_per_run, nodes_per_run,
-                  max_parallel, cpus_per_gpu, options, cluster) -> None:
-    """Submit the runs still to do as one job array; print the job ids and how to follow them."""
-    from pathlib import Path
-
-    from bench.sweep import launch
-    from bench.sweep.sweeper import Sweeper, ensure_fake_data
-
-    folder = Path(spec.results_dir) / "slurm"
-    params = launch.slurm_parameters(partition=partition, time_min=time_limit, gpus_per_run=gpus_per_run,
-                                     nodes_per_run=nodes_per_run, max_parallel=max_parallel,
-                                     cpus_per_gpu=cpus_per_gpu, options=launch.parse_slurm_options(options),
-                                     name="sambench")
-    look = Sweeper(plans, spec.results_dir, force=spec.force)
-    runs = [c for tp in plans for c in tp.runs if look.state(c) == "todo"]
-    if dry_run:
-        console.print(f"would submit {len(runs)} array tasks with this sbatch script:", highlight=False)
-        return console.print(launch.sbatch_text({**params, "map_count": len(runs)}, folder), highlight=False,
-                             markup=False)
-    executor = launch.slurm_executor(folder, params, cluster or "slurm")
-    for tp in plans:  # a smoke table's synthetic data: written once here, read by every array task
-        if tp.synthetic and tp.runs:
-            ensure_fake_data(tp.runs[0], tp.synthetic)
-    jobs = launch.submit_slurm(executor, runs, spec.force) if runs else []
-    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-    console.print(f"submitted {len(jobs)} runs as job array {', '.join(ids) or '(none: nothing to do)'}; logs in "
-                  f"{folder}", highlight=False)
-    args = " ".join([*spec.tables, f"--preset {spec.preset}", f"--results-dir {spec.results_dir}"])
-    console.print(f"follow them with: bench reproduce {args} --status", highlight=False)
-    if cluster in ("local", "debug"):  # tests: wait for the jobs the way a cluster would run them
-        for job in jobs:
-            job.result()
+        say(line)
 
 
 @app.command("perf")

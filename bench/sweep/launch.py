@@ -32,6 +32,16 @@ def parse_gpus(text: str, available: int) -> list[str]:
     return ids
 
 
+def launch_local(spec, gpus: str | None, workers: int, say) -> bool:
+    """`--launcher local`: the workers, then a line on where to look; False if a worker failed."""
+    import torch
+    ids = parse_gpus(gpus, torch.cuda.device_count()) if gpus else None
+    codes = run_local(spec, ids, workers)
+    say(f"{len(codes)} workers finished; `bench reproduce --status --results-dir {spec.results_dir}` shows the "
+        "tables")
+    return not any(codes)
+
+
 def run_local(spec, gpus: list[str] | None, workers: int) -> list[int]:
     """One worker process per GPU (CUDA_VISIBLE_DEVICES set for it) or `workers` CPU workers; each sweeps
     the whole plan. Returns the workers' exit codes."""
@@ -57,7 +67,8 @@ def _local_worker(spec, label: str, env: dict[str, str]) -> None:
 # ---- SLURM through submitit --------------------------------------------------------------------------
 
 def slurm_parameters(*, partition: str | None, time_min: int, gpus_per_run: int, nodes_per_run: int,
-                     max_parallel: int, cpus_per_gpu: int, options: dict[str, str], name: str) -> dict[str, Any]:
+                     max_parallel: int, cpus_per_gpu: int, options: dict[str, str],
+                     name: str = "sambench") -> dict[str, Any]:
     """submitit's AutoExecutor parameters for one array task = one run on nodes x gpus GPUs, one task
     (process) per GPU as torchrun would start them."""
     params: dict[str, Any] = {"name": name, "timeout_min": time_min, "nodes": nodes_per_run,
@@ -137,3 +148,28 @@ def sbatch_text(params: dict[str, Any], folder: str | Path) -> str:
     kw = {conv.get(k, k.removeprefix("slurm_")): v for k, v in params.items()}
     kw["additional_parameters"] = kw.pop("additional_parameters", None)
     return _make_sbatch_string(command="<python -u -m submitit.core._submit FOLDER>", folder=str(folder), **kw)
+
+
+def launch_slurm(spec, plans: list[TablePlan], params: dict[str, Any], dry_run: bool, cluster: str, say) -> None:
+    """`--launcher slurm`: submit the runs still to do as one job array (or, dry, show its sbatch script);
+    say the job ids and how to follow them. Returns at once (except on the test clusters)."""
+    from bench.sweep.sweeper import Sweeper, ensure_fake_data
+
+    folder = Path(spec.results_dir) / "slurm"
+    look = Sweeper(plans, spec.results_dir, force=spec.force)
+    runs = [c for tp in plans for c in tp.runs if look.state(c) == "todo"]
+    if dry_run:
+        say(f"would submit {len(runs)} array tasks with this sbatch script:")
+        return say(sbatch_text({**params, "map_count": len(runs)}, folder))
+    executor = slurm_executor(folder, params, cluster)
+    for tp in plans:  # a smoke table's synthetic data: written once here, read by every array task
+        if tp.synthetic and tp.runs:
+            ensure_fake_data(tp.runs[0], tp.synthetic)
+    jobs = submit_slurm(executor, runs, spec.force) if runs else []
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+    say(f"submitted {len(jobs)} runs as job array {', '.join(ids) or '(none: nothing to do)'}; logs in {folder}")
+    args = " ".join([*spec.tables, f"--preset {spec.preset}", f"--results-dir {spec.results_dir}"])
+    say(f"follow them with: bench reproduce {args} --status")
+    if cluster in ("local", "debug"):  # tests: wait for the jobs the way a cluster would run them
+        for job in jobs:
+            job.result()
