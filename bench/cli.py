@@ -98,13 +98,24 @@ def run_cmd(
     weight_decay: Annotated[Optional[float], typer.Option()] = None,
     label_smoothing: Annotated[Optional[float], typer.Option()] = None,
     nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="cosine (per epoch), constant, inverse_sqrt (per step).")] = None,
+    weight_decay_style: Annotated[Optional[str], typer.Option(
+        help="optimizer: the base optimizer decays (ASAM code); loss: 0.5 wd ||w||^2 in the loss, so it enters "
+             "both SAM gradients (SAM code).")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="cosine (per epoch), cosine-step (per step, SAM code), "
+                                                         "constant, inverse_sqrt (per step).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="inverse_sqrt warm-up steps.")] = None,
     clip_norm: Annotated[Optional[float], typer.Option(help="Clip the update's gradient norm (0: off).")] = None,
     sync_perturbation: Annotated[Optional[bool], typer.Option(
         "--sync-perturbation/--local-perturbation",
         help="Data parallel: all-reduce SAM's first gradient (m = global batch) instead of the default "
              "per-replica perturbation (m = per-replica batch, SAM paper).")] = None,
+    m: Annotated[Optional[int], typer.Option("--m", help="m-sharpness: every chunk of m examples of a replica's "
+                                                      "batch perturbs on its own (0: m = per-replica batch).")] = None,
+    true_gradient: Annotated[Optional[bool], typer.Option(
+        "--true-gradient/--no-true-gradient", help="Shake-Shake/ShakeDrop: SAM's first pass uses the forward "
+                                                   "coefficient in the backward too (SAM code).")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="Image tasks: basic, cutout, autoaugment, "
+                                                        "autoaugment-cutout, none.")] = None,
     bn_second_pass: Annotated[Optional[str], typer.Option(
         help="update: BatchNorm statistics update in both SAM passes (official); freeze: first pass only.")] = None,
     second_pass_rng: Annotated[Optional[str], typer.Option(

@@ -15,7 +15,8 @@ from typing import Any
 from bench.errors import UserError
 
 # Settings that say where or how fast a run happens, not what it computes: left out of the run id.
-NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir", "loader", "channels_last", "compile")
+NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir", "loader", "channels_last", "compile",
+                "lr_recipe")
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,25 @@ class RunConfig:
     rho: float = 0.0
     eta: float = 0.0
     epochs: int = 200
-    batch_size: int = 128
+    batch_size: int = 128           # global: each of world_size replicas takes batch_size / world_size
     lr: float = 0.1
     momentum: float = 0.9           # SGD momentum; Adam's beta1
     beta2: float = 0.999            # Adam only
     nesterov: bool = False
     weight_decay: float = 5e-4
+    weight_decay_style: str = "optimizer"  # optimizer (ASAM code: coupled, not in the ascent) | loss (SAM code:
+                                    # 0.5 * wd * sum ||w||^2 in the loss over all parameters, in both gradients)
     label_smoothing: float = 0.1
-    schedule: str = "cosine"        # cosine (per epoch, T_max = epochs) | constant | inverse_sqrt (per step)
+    schedule: str = "cosine"        # cosine (per epoch, T_max = epochs) | cosine-step (per step, SAM code) |
+                                    # constant | inverse_sqrt (per step)
     warmup_steps: int = 0           # inverse_sqrt: linear warm-up steps
     clip_norm: float = 0.0          # clip the update's gradient to this global norm (0: off)
     sync_perturbation: bool = False  # data parallel: all-reduce SAM's first gradient too (m = global batch)
+    m: int = 0                      # m-sharpness: each chunk of m examples of a replica's batch perturbs on its
+                                    # own; 0: m = the per-replica batch
+    true_gradient: bool = False     # Shake-Shake/ShakeDrop: SAM's first pass with the forward's coefficient in
+                                    # the backward too (SAM code); the second pass draws independently
+    augment: str = "basic"          # image tasks: basic | cutout | autoaugment | autoaugment-cutout | none
     world_size: int = 1             # data-parallel replicas (set from torchrun, not by hand)
     precision: str = "fp32"         # fp32 (faithful) | bf16 (autocast; SAM/ASAM norms and e stay fp32)
     loader: str = "auto"            # auto | torchvision | device (GPU-resident data + GPU augmentation)
@@ -53,9 +62,21 @@ class RunConfig:
     data_dir: str = "data"
     download: bool = False
     results_dir: str = "results"
+    lr_recipe: float = 0.0          # the recipe's lr at its own batch size (lr is scaled linearly from it)
+
+    @property
+    def per_replica_batch(self) -> int:
+        return self.batch_size // self.world_size
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        """The settings that change the result. With a fixed m, every chunk of m examples perturbs alone and
+        BatchNorm sees m examples at a time whatever the number of replicas, so world_size leaves it."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        if self.m:
+            out.pop("world_size")
+        # settings added after run ids were first published stay out of the hash at their defaults, so
+        # every earlier run id (and its results) stays valid
+        return {k: v for k, v in out.items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
 
     @property
     def run_id(self) -> str:
@@ -68,11 +89,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+LATER_DEFAULTS = {"weight_decay_style": "optimizer", "m": 0, "true_gradient": False, "augment": "basic"}
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 # Settings only some tasks use; a task lists the ones it reads in `Task.settings`.
-TASK_SETTINGS = ("noise", "noise_seed")
-SCHEDULES = ("cosine", "constant", "inverse_sqrt")
+TASK_SETTINGS = ("noise", "noise_seed", "augment")
+SCHEDULES = ("cosine", "cosine-step", "constant", "inverse_sqrt")
+AUGMENTS = ("basic", "cutout", "autoaugment", "autoaugment-cutout", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -95,9 +118,20 @@ def build_config(task: str, recipe: dict[str, Any], overrides: dict[str, Any]) -
     values["rho"] = recipe.get("rho_by_minimizer", {}).get(minimizer, 0.0)
     values["eta"] = recipe.get("eta_by_minimizer", {}).get(minimizer, 0.0)
     values.update(given)
+    values.update(_scaled_lr(recipe, given, values))
     cfg = RunConfig(**values)
     validate(cfg)
     return cfg
+
+
+def _scaled_lr(recipe: dict[str, Any], given: dict[str, Any], values: dict[str, Any]) -> dict[str, float]:
+    """Recipes give lr at their (global) batch size; another batch size scales it linearly (Goyal et al.),
+    unless the lr was given too. lr_recipe keeps the recipe's figure for the row."""
+    lr_recipe = float(recipe.get("lr", DEFAULTS["lr"]))
+    batch_recipe = int(recipe.get("batch_size", DEFAULTS["batch_size"]))
+    if "lr" in given or values.get("batch_size", batch_recipe) == batch_recipe:
+        return {"lr_recipe": lr_recipe}
+    return {"lr_recipe": lr_recipe, "lr": lr_recipe * values["batch_size"] / batch_recipe}
 
 
 def validate(cfg: RunConfig) -> None:
@@ -136,6 +170,15 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
     need(finite(cfg.clip_norm) and cfg.clip_norm >= 0, f"--clip-norm must be >= 0, got {cfg.clip_norm}")
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(cfg.weight_decay_style in ("optimizer", "loss"),
+         f"--weight-decay-style must be optimizer or loss, got {cfg.weight_decay_style!r}")
+    need(cfg.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    need(cfg.world_size >= 1 and cfg.batch_size % cfg.world_size == 0,
+         f"--batch-size {cfg.batch_size} is the global batch and must divide by the {cfg.world_size} replicas; "
+         f"pass a multiple of {cfg.world_size}")
+    need(cfg.m >= 0 and (cfg.m == 0 or cfg.per_replica_batch % cfg.m == 0),
+         f"--m {cfg.m} must divide the per-replica batch {cfg.per_replica_batch}; pass a divisor of it (or 0: "
+         "m = the per-replica batch)")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
 

@@ -72,19 +72,23 @@ def seed_everything(seed: int) -> None:
 
 def make_base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    wd = cfg.weight_decay if cfg.weight_decay_style == "optimizer" else 0.0  # "loss": the L2 term is in the loss
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
     if cfg.optimizer in ("adam", "adamw"):  # fairseq's Adam decays the weights decoupled, as AdamW
         cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        return cls(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.weight_decay)
+        return cls(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=wd)
     raise UserError(f"unknown base optimizer {cfg.optimizer!r}")
 
 
-def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
+def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None):
     """(scheduler, stepped per 'epoch' or per 'step')."""
     if cfg.schedule == "cosine":  # stepped once per epoch, T_max = epochs (official CIFAR script)
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs), "epoch"
+    if cfg.schedule == "cosine-step":  # the SAM code: lr * 0.5 (1 + cos(pi t / T)) at step t, no warm-up
+        total = max(cfg.epochs * (steps_per_epoch or 1), 1)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))), "step"
     if cfg.schedule == "inverse_sqrt":  # fairseq's: linear warm-up from 0, then lr * sqrt(warmup / step)
         w = max(cfg.warmup_steps, 1)
         return torch.optim.lr_scheduler.LambdaLR(
@@ -202,7 +206,7 @@ def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
     minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta,
                                  bn_second_pass=cfg.bn_second_pass, second_pass_rng=cfg.second_pass_rng,
                                  clip_norm=cfg.clip_norm)
-    scheduler, sched_unit = make_scheduler(cfg, base)
+    scheduler, sched_unit = make_scheduler(cfg, base, _len(job.train_loader))
     return TrainState(cfg, job, device, model, net, base, minimizer, scheduler, sched_unit)
 
 
@@ -254,14 +258,7 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
         x, y = to_device(x, device), to_device(y, device)
         data_time += time.perf_counter() - t_data
 
-        def closure():
-            with autocast:  # bf16: forward and loss only; gradients land in the fp32 parameters
-                out = forward(st.net, x)
-                loss = job.loss_fn(out, y)
-            loss.backward()
-            return loss.detach(), out.detach()
-
-        loss, out = st.minimizer.step(closure, first_pass_context)
+        loss, out = train_step(st, x, y, autocast, first_pass_context)
         if st.sched_unit == "step":
             st.scheduler.step()
         n = count(y)
@@ -287,6 +284,45 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     timing = {"epoch_time_s": epoch_time, "data_time_s": data_time,
               "loader_items_per_s": seen / D.world_size() / data_time if data_time > 0 else float("inf")}
     return metrics, timing
+
+
+def train_step(st: TrainState, x, y, autocast, first_pass_context):
+    """One optimizer step on a batch; (first-pass loss, outputs). With m-sharpness (cfg.m smaller than the
+    batch) a two-pass minimizer perturbs every chunk of m examples on its own and averages the chunks'
+    second gradients (SAM paper, section 4.1)."""
+    cfg, job = st.cfg, st.job
+    two_pass = getattr(st.minimizer, "passes", 1) == 2
+    shakes = [m for m in st.model.modules() if hasattr(m, "true_gradient")] if cfg.true_gradient else []
+    calls = [0]
+
+    def make_closure(xc, yc, weight: float):
+        def closure():
+            first = calls[0] % 2 == 0 or not two_pass
+            calls[0] += 1
+            for module in shakes:  # SAM code: true_gradient in the first pass only
+                module.true_gradient = first and two_pass
+            with autocast:  # bf16: forward and loss only; gradients land in the fp32 parameters
+                out = forward(st.net, xc)
+                loss = job.loss_fn(out, yc)
+                total = loss if cfg.weight_decay_style == "optimizer" else loss + l2_term(st.model, cfg.weight_decay)
+            (total * weight if weight != 1.0 else total).backward()
+            return loss.detach(), out.detach()
+        return closure
+
+    n = y.shape[0] if isinstance(y, torch.Tensor) else None
+    if not two_pass or not cfg.m or n is None or cfg.m >= n:
+        return st.minimizer.step(make_closure(x, y, 1.0), first_pass_context)
+    chunks = list(zip(torch.split(x, cfg.m), torch.split(y, cfg.m)))
+    closures = [make_closure(xc, yc, yc.shape[0] / n) for xc, yc in chunks]
+    outs = st.minimizer.step_chunks(closures, first_pass_context, ascent_context(st.net, False))
+    loss = sum(l * (yc.shape[0] / n) for (l, _), (_, yc) in zip(outs, chunks))
+    return loss, torch.cat([o for _, o in outs])
+
+
+def l2_term(model: nn.Module, weight_decay: float) -> torch.Tensor:
+    """The SAM code's weight decay: 0.5 * wd * sum ||w||^2 over every parameter, BatchNorm and biases too."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return 0.5 * weight_decay * torch.stack([p.float().pow(2).sum() for p in params]).sum()
 
 
 def evaluate_epoch(st: TrainState, metrics: dict[str, Any], timing: dict[str, float]) -> None:

@@ -181,6 +181,40 @@ class SAM(Minimizer):
         return out
 
 
+    def step_chunks(self, closures: list[Callable], first_pass_context: Callable = contextlib.nullcontext,
+                    accumulate_context: Callable = contextlib.nullcontext) -> list:
+        """m-sharpness on one device: each closure runs one chunk of the batch (its loss weighted by the
+        chunk's share); every chunk perturbs the weights with its own first gradient, and the chunks' second
+        gradients are summed into one base step. `accumulate_context` (DDP's no_sync) wraps every second
+        backward but the last, so replicas all-reduce the summed gradient once."""
+        outs, acc = [], None
+        for i, closure in enumerate(closures):
+            last = i == len(closures) - 1
+            rng = _rng_state() if self.second_pass_rng == "reuse" else None
+            with first_pass_context():
+                outs.append(closure())
+            self.ascent_step()
+            if rng is not None:
+                _set_rng_state(rng)
+            if last and acc is not None:  # the last backward adds onto the sum (and DDP reduces it)
+                for p, a in acc.items():
+                    p.grad = a
+            with torch.enable_grad(), self.second_pass(), (contextlib.nullcontext() if last else accumulate_context()):
+                closure()
+            with torch.no_grad():
+                if self._perturbed:
+                    torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+                self._perturbed = []
+                if not last:  # set the chunk's second gradient aside: the next first pass needs clean grads
+                    acc = acc if acc is not None else {}
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            acc[p] = acc[p].add_(p.grad) if p in acc else p.grad
+                            p.grad = None
+        self._base_step()
+        return outs
+
+
 def _rng_state():
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda

@@ -127,7 +127,7 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
     summary.pop("epochs")  # already in runs/<run_id>/epochs.csv
     row: dict[str, Any] = {"run_id": cfg.run_id, "status": summary.pop("status"),
                            "synthetic": job.synthetic, **cfg.to_row(), **job.info,
-                           "per_replica_batch": cfg.batch_size, "global_batch": cfg.batch_size * cfg.world_size,
+                           "per_replica_batch": cfg.per_replica_batch, "global_batch": cfg.batch_size,
                            **summary, "wall_time_s": wall, **provenance(device_name(device))}
     if D.is_main():  # only rank 0 writes results
         write_record(cfg.results_dir, row)
@@ -142,7 +142,7 @@ def oom_hint(cfg: RunConfig, error: BaseException) -> str:
     text = f"{type(error).__name__} {error}".lower()
     if "out of memory" not in text and "outofmemory" not in text and "can't allocate memory" not in text:
         return ""
-    return (f"out of memory: lower batch_size (now {cfg.batch_size} per replica, e.g. --batch-size "
+    return (f"out of memory: lower batch_size (now {cfg.per_replica_batch} per replica, e.g. --batch-size "
             f"{max(cfg.batch_size // 2, 1)}), or use --precision bf16, or spread the run over more GPUs")
 
 

@@ -98,12 +98,12 @@ class CifarTask(Task):
             spec = RECIPE[self.dataset]
             kw = dict(mean=spec["mean"], std=spec["std"], seed=cfg.seed, device=device,
                       channels_last=cfg.channels_last)
-            train = DeviceCifarLoader(train_set.data, train_set.targets, cfg.batch_size, train=True, **kw)
-            test = DeviceCifarLoader(test_set.data, test_set.targets, max(cfg.batch_size, 256), train=False, **kw)
+            train = DeviceCifarLoader(train_set.data, train_set.targets, cfg.per_replica_batch, train=True, **kw)
+            test = DeviceCifarLoader(test_set.data, test_set.targets, max(cfg.per_replica_batch, 256), train=False, **kw)
         else:
-            train = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+            train = make_loader(train_set, cfg.per_replica_batch, train=True, seed=cfg.seed, workers=cfg.workers,
                                 device=device)
-            test = make_loader(test_set, max(cfg.batch_size, 256), train=False, seed=cfg.seed,
+            test = make_loader(test_set, max(cfg.per_replica_batch, 256), train=False, seed=cfg.seed,
                                workers=cfg.workers, device=device)
         model = create_model(cfg.model, num_classes=self.num_classes)
         return Job(model=model, train_loader=train, test_loader=test, loss_fn=make_loss(cfg.label_smoothing),

@@ -53,7 +53,7 @@ class DigitsNoiseTask(Task):
         x_train, y_train, x_test, y_test = load_digits_split()
         noisy, realised = symmetric_noise(y_train, 10, cfg.noise, cfg.noise_seed)
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-        train = TensorLoader(t(x_train), t(noisy), cfg.batch_size, shuffle=True, seed=cfg.seed)
+        train = TensorLoader(t(x_train), t(noisy), cfg.per_replica_batch, shuffle=True, seed=cfg.seed)
         test = TensorLoader(t(x_test), t(y_test), 500, shuffle=False)
         loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         return Job(model=mlp(), train_loader=train, test_loader=test, loss_fn=loss, num_train=len(y_train),

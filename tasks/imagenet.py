@@ -71,9 +71,9 @@ class ImageNetTask(Task):
         if train_set.classes != val_set.classes:
             raise UserError(f"ImageNet train and val class folders differ under {root} "
                             f"({len(train_set.classes)} vs {len(val_set.classes)}); expected {LAYOUT}")
-        train = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+        train = make_loader(train_set, cfg.per_replica_batch, train=True, seed=cfg.seed, workers=cfg.workers,
                             device=device)
-        val = make_loader(val_set, cfg.batch_size, train=False, seed=cfg.seed, workers=cfg.workers, device=device)
+        val = make_loader(val_set, cfg.per_replica_batch, train=False, seed=cfg.seed, workers=cfg.workers, device=device)
         model: nn.Module = timm.create_model(cfg.model, pretrained=False, num_classes=len(train_set.classes))
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)

@@ -176,7 +176,7 @@ class IWSLT14Task(Task):
 
     def build(self, cfg, device: torch.device) -> Job:
         corpus = load_corpus(cfg.data_dir)
-        train = TokenBatchLoader(corpus.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        train = TokenBatchLoader(corpus.train, cfg.per_replica_batch, shuffle=True, seed=cfg.seed)
         valid = TokenBatchLoader(corpus.valid, cfg.batch_size, shuffle=False, rank=0, world=1)
         model = create_transformer(cfg.model, len(corpus.src_dict), len(corpus.tgt_dict))
         # What the task keeps between epochs, hence saved in the checkpoint (Job.state_dict): the best

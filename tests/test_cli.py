@@ -108,7 +108,7 @@ def test_report_command(three_runs, tmp_path):
     text = out.read_text()
     # 2 epochs at batch 64 is no preset's plan: listed apart from the (empty) Table 2, by its differences.
     assert "ASAM Table 2" not in text and "### cifar10 — synthetic data" in text
-    assert "| resnet20 | asam | epochs=2, batch_size=64 | table2 (full) |" in text
+    assert "| resnet20 | asam | epochs=2, batch_size=64, lr=0.05 | table2 (full) |" in text  # lr scaled with the batch
     assert (tmp_path / "r-cifar10-resnet20-synthetic.png").exists()
     assert invoke("report", "--results-dir", tmp_path / "none").exit_code == 2
     bad = invoke("report", "--results-dir", results, "--plot", "cifar10")

@@ -98,7 +98,7 @@ def test_torchrun_two_processes_write_one_row(fake_cifar10, tmp_path):
     df = pd.read_csv(tmp_path / "cifar10.csv")
     assert len(df) == 1
     row = df.iloc[0]
-    assert (row.world_size, row.per_replica_batch, row.global_batch) == (2, 16, 32)
+    assert (row.world_size, row.per_replica_batch, row.global_batch) == (2, 8, 16)  # the batch is global
     assert row.status == "ok" and not row.sync_perturbation
     epochs = pd.read_csv(tmp_path / "runs" / row.run_id / "epochs.csv")
     assert list(epochs.epoch) == [1]

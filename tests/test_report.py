@@ -165,7 +165,7 @@ def test_each_given_preset_gets_its_own_cells(tmp_path, targets, tables):
     # Without the full preset, the full-recipe run is another run, compared with the smoke plan.
     md = report(tmp_path, targets, tables, planned_settings(load_tables(TABLES), ["demo", "smoke"]))
     assert row(section(md, T2), "resnet20")[1] == "40.00 (1)" and f"## {T2} (preset" not in md
-    assert row(section(md, "Other runs"), "resnet20")[2:4] == ["epochs=200, batch_size=128", "table2 (smoke)"]
+    assert row(section(md, "Other runs"), "resnet20")[2:4] == ["epochs=200, batch_size=128, lr=0.1", "table2 (smoke)"]
 
 
 def test_runs_of_tasks_no_plan_covers_are_other_runs(tmp_path, targets, tables):
