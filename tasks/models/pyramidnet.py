@@ -94,13 +94,13 @@ class Bottleneck(nn.Module):
 
 
 class PyramidNet(nn.Module):
-    def __init__(self, depth: int, alpha: float, num_classes: int = 10, p_max: float = 0.5):
+    def __init__(self, depth: int, alpha: float, num_classes: int = 10, p_max: float = 0.5, in_chans: int = 3):
         super().__init__()
         assert (depth - 2) % 9 == 0, "bottleneck PyramidNet depth must be 9n + 2"
         n = (depth - 2) // 9
         total = 3 * n
         add_rate = alpha / total
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         blocks, in_planes, width, l = [], 16, 16.0, 0
         for stage in range(3):
@@ -145,5 +145,5 @@ class PyramidNet(nn.Module):
                 source="Han et al. 2017, Deep Pyramidal Residual Networks, Table 4 "
                        "(bottleneck, alpha=200, depth 272); ShakeDrop per Yamada et al. 2018",
                 recipe={})
-def pyramidnet272(num_classes: int = 10) -> nn.Module:
-    return PyramidNet(272, 200, num_classes)
+def pyramidnet272(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return PyramidNet(272, 200, num_classes, in_chans=in_chans)
