@@ -8,7 +8,7 @@ from tasks.models import MODEL_INFO, count_params, create_model, model_names
 
 def test_issue_models_registered():
     assert {"resnet20", "resnet32", "resnet56", "wrn28_2", "wrn28_10", "resnet20_a", "resnet32_a", "resnet56_a",
-            "pyramidnet272", "pyramidnet272_shakedrop"} <= set(model_names())
+            "pyramidnet272", "pyramidnet272_shakedrop", "shake_shake26_2x96d"} <= set(model_names())
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -22,10 +22,11 @@ def test_param_count_matches_published(name):
     ("resnet20", 272_474), ("resnet32", 466_906), ("resnet56", 855_770),            # homura, option B
     ("resnet20_a", 269_722), ("resnet32_a", 464_154), ("resnet56_a", 853_018),      # He et al., option A
     ("wrn28_2", 1_467_610), ("wrn28_10", 36_479_194), ("resnext29_32x4d", 4_775_754),
-    ("pyramidnet272", 26_210_842), ("pyramidnet272_shakedrop", 26_210_842)])
+    ("pyramidnet272", 26_210_842), ("pyramidnet272_shakedrop", 26_210_842),
+    ("shake_shake26_2x96d", 26_192_922)])
 def test_exact_param_counts(name, count):
     """Our exact counts (10 classes); the homura ones are also checked against the wheel's models in
-    test_models_homura.py."""
+    test_models_homura.py. Shake-Shake 26 2x96d: 26.2M in Gastaldi 2017, Table 1 (0.03 % off)."""
     assert count_params(create_model(name)) == count
 
 

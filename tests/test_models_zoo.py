@@ -1,13 +1,14 @@
 """The larger CIFAR zoo models (VGG-19-BN, DenseNet-121, ResNeXt-29 32x4d, PyramidNet-272 plain and with
-ShakeDrop): forward/backward on CPU, and ShakeDrop's forward/backward gates, true_gradient and RNG
-reproducibility."""
+ShakeDrop, Shake-Shake 26 2x96d): forward/backward on CPU, and ShakeDrop's forward/backward gates,
+true_gradient and RNG reproducibility (Shake-Shake's own: test_models_shake.py)."""
 import pytest
 import torch
 
 from tasks.models import MODEL_INFO, create_model, model_names
 from tasks.models.pyramidnet import PyramidNet, ShakeDrop, ShakeDropFunction, shake_drop
 
-ZOO = ["vgg19_bn", "densenet121", "resnext29_32x4d", "pyramidnet272", "pyramidnet272_shakedrop"]
+ZOO = ["vgg19_bn", "densenet121", "resnext29_32x4d", "pyramidnet272", "pyramidnet272_shakedrop",
+       "shake_shake26_2x96d"]
 
 
 def test_zoo_models_registered():
@@ -237,7 +238,7 @@ def tiny_cifar(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["vgg19_bn", "densenet121", "resnext29_32x4d", "pyramidnet272_shakedrop",
-                                  "wrn28_10", "resnet56"])
+                                  "shake_shake26_2x96d", "wrn28_10", "resnet56"])
 def test_every_model_trains_through_bench_run(name, tiny_cifar, tmp_path):
     """One SAM step + evaluation through the real CLI, data loader and results row."""
     import pandas as pd

@@ -40,4 +40,4 @@ def count_params(model: nn.Module) -> int:
 
 
 from tasks.models import (cifar_resnet, densenet, pyramidnet, resnet_option_a, resnext,  # noqa: E402,F401
-                          vgg, wrn)  # (registration side effects)
+                          shake_shake, vgg, wrn)  # (registration side effects)
