@@ -1,12 +1,14 @@
-"""The larger CIFAR zoo models (VGG-19-BN, DenseNet-121, ResNeXt-29 32x4d, PyramidNet-272 + ShakeDrop):
-forward/backward on CPU, and ShakeDrop's forward/backward gates and RNG reproducibility."""
+"""The larger CIFAR zoo models (VGG-19-BN, DenseNet-121, ResNeXt-29 32x4d, PyramidNet-272 plain and with
+ShakeDrop, Shake-Shake 26 2x96d): forward/backward on CPU, and ShakeDrop's forward/backward gates,
+true_gradient and RNG reproducibility (Shake-Shake's own: test_models_shake.py)."""
 import pytest
 import torch
 
 from tasks.models import MODEL_INFO, create_model, model_names
 from tasks.models.pyramidnet import PyramidNet, ShakeDrop, ShakeDropFunction, shake_drop
 
-ZOO = ["vgg19_bn", "densenet121", "resnext29_32x4d", "pyramidnet272"]
+ZOO = ["vgg19_bn", "densenet121", "resnext29_32x4d", "pyramidnet272", "pyramidnet272_shakedrop",
+       "shake_shake26_2x96d"]
 
 
 def test_zoo_models_registered():
@@ -53,7 +55,7 @@ def test_parameter_names_weight_bias(built, name):
 
 
 def test_eval_mode_deterministic(built):
-    model = built["pyramidnet272"].eval()
+    model = built["pyramidnet272_shakedrop"].eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.manual_seed(0)
@@ -66,8 +68,22 @@ def test_eval_mode_deterministic(built):
 
 # --- ShakeDrop -----------------------------------------------------------------------------------------
 
-def test_pyramidnet272_drop_probs_linear():
-    model = create_model("pyramidnet272")
+def test_pyramidnet272_plain_has_no_shakedrop(built):
+    model = built["pyramidnet272"]
+    assert not any(isinstance(m, ShakeDrop) for m in model.modules())
+    assert model.drop_probs == [0.0] * 90
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():                                    # no randomness left in training mode
+        torch.manual_seed(0)
+        a = model.train()(x)
+        torch.manual_seed(1)
+        b = model(x)
+    assert torch.equal(a, b)
+
+
+def test_pyramidnet272_drop_probs_linear(built):
+    model = built["pyramidnet272_shakedrop"]
+    assert sum(isinstance(m, ShakeDrop) for m in model.modules()) == 90
     probs = model.drop_probs
     L = len(probs)
     assert L == 90                                           # (272 - 2) / 9 = 30 blocks per stage
@@ -138,6 +154,36 @@ def test_shakedrop_train_values_match_formula():
     assert torch.equal(x.grad[kept], g[kept])
 
 
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_shakedrop_true_gradient(p):
+    """true_gradient: dL/dx = g * the forward's factor (b + alpha - b alpha); without it the backward's own
+    factor (b + beta - b beta). The forward, and the draws it makes, are the same either way."""
+    n = 64
+    x = torch.randn(n, 3, 2, 2)
+    g = torch.randn_like(x)
+    runs = {}
+    for flag in (True, False):
+        m = ShakeDrop(p).train()
+        m.true_gradient = flag
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        y = m(xi)
+        y.backward(g)
+        runs[flag] = (y.detach(), xi.grad, torch.get_rng_state())
+    torch.manual_seed(3)
+    shape = (n, 1, 1, 1)
+    b = torch.bernoulli(torch.full(shape, 1 - p))
+    alpha = torch.rand(shape) * 2 - 1
+    forward_gate = b + alpha - b * alpha
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert torch.equal(runs[True][2], runs[False][2])
+    assert torch.allclose(runs[True][0], x * forward_gate)
+    assert torch.allclose(runs[True][1], g * forward_gate)
+    assert not torch.allclose(runs[False][1], g * forward_gate)
+    drawn = b.view(-1) == 0                                  # only there do alpha and beta matter
+    assert (runs[False][1] - g * forward_gate)[drawn].abs().amin(dim=(1, 2, 3)).gt(0).all()
+
+
 def test_shakedrop_rng_reproducible():
     x = torch.randn(32, 4, 3, 3)
     torch.manual_seed(0)
@@ -191,8 +237,8 @@ def tiny_cifar(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["vgg19_bn", "densenet121", "resnext29_32x4d", "pyramidnet272", "wrn28_10",
-                                  "resnet56"])
+@pytest.mark.parametrize("name", ["vgg19_bn", "densenet121", "resnext29_32x4d", "pyramidnet272_shakedrop",
+                                  "shake_shake26_2x96d", "wrn28_10", "resnet56"])
 def test_every_model_trains_through_bench_run(name, tiny_cifar, tmp_path):
     """One SAM step + evaluation through the real CLI, data loader and results row."""
     import pandas as pd

@@ -1,7 +1,9 @@
 """CIFAR model zoo, filled by `@register_model` (as timm's registry): a new model is one new function.
 
-`create_model(name, num_classes)` builds any registered model; `MODEL_INFO[name]` holds the published
-parameter count the tests check against and where that figure comes from.
+`create_model(name, num_classes, in_chans=3)` builds any registered model (every builder takes
+`num_classes` and `in_chans`: 1 for Fashion-MNIST's 1x28x28 images, 3 for CIFAR and SVHN; all pool
+adaptively, so 28x28 and 32x32 inputs both work); `MODEL_INFO[name]` holds the published parameter count
+the tests check against and where that figure comes from.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ MODEL_INFO: dict[str, dict] = {}
 
 
 def register_model(name: str, *, params_m: float, source: str, recipe: dict | None = None):
-    """Register a builder `fn(num_classes) -> nn.Module` with its published size (millions of parameters,
+    """Register a builder `fn(num_classes, in_chans) -> nn.Module` with its published size (millions of parameters,
     CIFAR-10 head) and the source of that figure; `recipe` holds per-model training differences."""
     def deco(fn):
         _MODELS[name] = fn
@@ -23,10 +25,10 @@ def register_model(name: str, *, params_m: float, source: str, recipe: dict | No
     return deco
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_MODELS))}")
-    return _MODELS[name](num_classes=num_classes, **kwargs)
+    return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 def model_names() -> list[str]:
@@ -37,4 +39,5 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from tasks.models import densenet, pyramidnet, resnet_cifar, resnext, vgg, wrn  # noqa: E402,F401  (registration side effects)
+from tasks.models import (cifar_resnet, densenet, pyramidnet, resnet_option_a, resnext,  # noqa: E402,F401
+                          shake_shake, vgg, wrn)  # (registration side effects)

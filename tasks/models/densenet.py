@@ -41,10 +41,10 @@ class Transition(nn.Module):
 
 class DenseNet(nn.Module):
     def __init__(self, nblocks: tuple[int, ...], growth: int = 32, reduction: float = 0.5,
-                 num_classes: int = 10):
+                 num_classes: int = 10, in_chans: int = 3):
         super().__init__()
         planes = 2 * growth
-        self.conv1 = nn.Conv2d(3, planes, 3, 1, 1, bias=False)     # CIFAR stem
+        self.conv1 = nn.Conv2d(in_chans, planes, 3, 1, 1, bias=False)     # CIFAR stem
         stages = []
         for i, n in enumerate(nblocks):
             layers = []
@@ -71,5 +71,5 @@ class DenseNet(nn.Module):
                 source="kuangliu/pytorch-cifar models/densenet.py, DenseNet121() "
                        "(k=32, 6-12-24-16, CIFAR stem)",
                 recipe={})
-def densenet121(num_classes: int = 10) -> nn.Module:
-    return DenseNet((6, 12, 24, 16), growth=32, reduction=0.5, num_classes=num_classes)
+def densenet121(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return DenseNet((6, 12, 24, 16), growth=32, reduction=0.5, num_classes=num_classes, in_chans=in_chans)

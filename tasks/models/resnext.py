@@ -1,76 +1,61 @@
-"""ResNeXt-29 for CIFAR (Xie et al. 2017, CIFAR form): 3x3 stem conv to 64 channels, three stages of 3
-bottleneck blocks each (depth 9 * 3 + 2 = 29), block = conv1x1 -> grouped conv3x3 (cardinality C) ->
-conv1x1 expanding 2x, BN after every conv, projection (1x1 conv + BN) shortcuts where the shape changes.
-With C = 32 and bottleneck width d = 4 in stage 1 (doubling per stage) the grouped widths are 128/256/512
-and the block outputs 256/512/1024, as in kuangliu/pytorch-cifar's ResNeXt29_32x4d.
+"""ResNeXt-29 32x4d (Xie et al. 2017, CIFAR form) as the official ASAM code trained it: homura-core
+2021.3.1's `resnext29_32x4d` (homura.vision.models.cifar_resnet), on the trunk of cifar_resnet.py.
 
-The paper's CIFAR table (Table 7) only lists the 8x64d (34.4M) and 16x64d (68.1M) models; the 32x4d
-figure used here is that of the kuangliu reference implementation: 4,774,218 params (~4.77M) on CIFAR-10.
-That implementation uses a 1x1 stem conv; this module keeps the paper's 3x3 stem (its CIFAR nets start
-with a single 3x3 conv layer), which adds 3 * 64 * 8 = 1,536 params: 4,775,754 in all (+0.03%)."""
+64-channel 3x3 stem + BN-ReLU; three stages of 3 post-activation bottlenecks (depth 9 * 3 + 2 = 29):
+conv1x1 -> grouped conv3x3 (32 groups, stride here) -> conv1x1 to 4 * planes, BN after each, ReLU after
+the first two and after the addition; projection shortcut (1x1 conv + BN) where the shape changes.
+Stage planes 64/128/256, bottleneck width int(planes * 4 / 64) * 32 = 128/256/512, outputs 256/512/1024.
+4,775,754 parameters with 10 classes."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import nn
 
 from tasks.models import register_model
+from tasks.models.cifar_resnet import CifarResNet, conv1x1, conv3x3
 
 
-class Block(nn.Module):
-    expansion = 2
+class Bottleneck(nn.Module):
+    expansion = 4
 
-    def __init__(self, in_planes: int, cardinality: int, bottleneck_width: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, groups: int, width_per_group: int):
         super().__init__()
-        gw = cardinality * bottleneck_width
-        self.conv1 = nn.Conv2d(in_planes, gw, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(gw)
-        self.conv2 = nn.Conv2d(gw, gw, 3, stride, 1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm2d(gw)
-        self.conv3 = nn.Conv2d(gw, self.expansion * gw, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(self.expansion * gw)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != self.expansion * gw:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, self.expansion * gw, 1, stride, bias=False),
-                nn.BatchNorm2d(self.expansion * gw))
+        width = int(planes * width_per_group / 64) * groups
+        out_planes = planes * self.expansion
+        self.conv1 = conv1x1(in_planes, width)
+        self.conv2 = conv3x3(width, width, stride, groups=groups)
+        self.conv3 = conv1x1(width, out_planes)
+        self.norm1 = nn.BatchNorm2d(width)
+        self.norm2 = nn.BatchNorm2d(width)
+        self.norm3 = nn.BatchNorm2d(out_planes)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != out_planes:
+            self.downsample = nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+        self.out_planes = out_planes
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = F.relu(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        return F.relu(out + self.downsample(x))
 
 
-class ResNeXt(nn.Module):
-    def __init__(self, num_blocks: tuple[int, ...], cardinality: int, bottleneck_width: int,
-                 num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)   # paper: 3x3 stem (kuangliu: 1x1)
-        self.bn1 = nn.BatchNorm2d(64)
-        in_planes, width, stages = 64, bottleneck_width, []
-        for i, n in enumerate(num_blocks):
-            blocks = []
-            for j in range(n):
-                blocks.append(Block(in_planes, cardinality, width, 2 if (i > 0 and j == 0) else 1))
-                in_planes = Block.expansion * cardinality * width
-            stages.append(nn.Sequential(*blocks))
-            width *= 2
-        self.layers = nn.Sequential(*stages)
-        self.fc = nn.Linear(in_planes, num_classes)
+def resnext(depth: int, groups: int, width_per_group: int, num_classes: int = 10, in_chans: int = 3,
+            width: int = 64) -> CifarResNet:
+    """ResNeXt-depth (groups)x(width_per_group)d; `width` is the stem width and first-stage planes."""
+    assert (depth - 2) % 9 == 0, "depth must be 9n + 2"
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layers(out)
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.fc(out)
+    def block(in_planes: int, planes: int, stride: int) -> Bottleneck:
+        return Bottleneck(in_planes, planes, stride, groups, width_per_group)
+
+    return CifarResNet(block, (depth - 2) // 9, (width, 2 * width, 4 * width), num_classes, in_chans,
+                       stem_width=width)
 
 
-# Published figure: 4,774,218 params, kuangliu/pytorch-cifar models/resnext.py ResNeXt29_32x4d()
-# (not in Xie et al. 2017 Table 7, which lists only the 8x64d and 16x64d CIFAR models); ours is
-# 4,775,754 because of the paper's 3x3 stem (kuangliu: 1x1).
-@register_model("resnext29_32x4d", params_m=4.77,
-                source="kuangliu/pytorch-cifar models/resnext.py, ResNeXt29_32x4d() "
-                       "(Xie et al. 2017 CIFAR form; 32x4d is not in the paper's Table 7)",
-                recipe={})
-def resnext29_32x4d(num_classes: int = 10) -> nn.Module:
-    return ResNeXt((3, 3, 3), cardinality=32, bottleneck_width=4, num_classes=num_classes)
+# The count is homura's, measured; Xie et al. 2017 Table 7 lists only the 8x64d and 16x64d CIFAR models.
+# kuangliu/pytorch-cifar's ResNeXt29_32x4d is the same network with a 1x1 stem: 4,774,218.
+@register_model("resnext29_32x4d", params_m=4.775754,
+                source="homura-core 2021.3.1, homura.vision.models.cifar_resnet.resnext29_32x4d (the model "
+                       "the official ASAM example_cifar.py trains; count measured on the wheel)")
+def resnext29_32x4d(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return resnext(29, 32, 4, num_classes, in_chans)

@@ -17,11 +17,15 @@ _CFG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
 
 
 class VGG(nn.Module):
-    def __init__(self, cfg: list, num_classes: int = 10):
+    def __init__(self, cfg: list, num_classes: int = 10, in_chans: int = 3):
         super().__init__()
-        layers, in_ch = [], 3
-        for v in cfg:
-            if v == "M":
+        layers, in_ch = [], in_chans
+        for i, v in enumerate(cfg):
+            if v == "M" and i == len(cfg) - 1:
+                # the last 2x2 pool takes 2x2 to 1x1 at 32x32 inputs; at 28x28 (Fashion-MNIST) the map is
+                # already 1x1 there, so pool to 1x1 adaptively: the same result at 32x32, defined at 28x28
+                layers.append(nn.AdaptiveMaxPool2d(1))
+            elif v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(in_ch, v, 3, 1, 1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
@@ -38,5 +42,5 @@ class VGG(nn.Module):
 @register_model("vgg19_bn", params_m=20.04,
                 source="kuangliu/pytorch-cifar models/vgg.py, VGG('VGG19') (cfg E + BN, Linear(512, C) head)",
                 recipe={})
-def vgg19_bn(num_classes: int = 10) -> nn.Module:
-    return VGG(_CFG_E, num_classes)
+def vgg19_bn(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return VGG(_CFG_E, num_classes, in_chans)
