@@ -57,6 +57,7 @@ class RunConfig:
     noise: float = 0.0              # label-noise tasks: symmetric noise rate of the training labels
     noise_seed: int = 0             # label-noise tasks: seed of the corruption (same for every minimizer)
     seed: int = 0
+    model_rev: str = ""             # set from the model registry: a model whose definition changed under its name
     device: str = "auto"
     workers: int = 2
     data_dir: str = "data"
@@ -89,7 +90,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-LATER_DEFAULTS = {"weight_decay_style": "optimizer", "m": 0, "true_gradient": False, "augment": "basic"}
+LATER_DEFAULTS = {"weight_decay_style": "optimizer", "m": 0, "true_gradient": False, "augment": "basic",
+                  "model_rev": ""}
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 # Settings only some tasks use; a task lists the ones it reads in `Task.settings`.

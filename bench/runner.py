@@ -35,7 +35,7 @@ def make_config(task_name: str, **overrides: Any) -> RunConfig:
             users = [t for t in task_names() if name in get_task(t).settings]
             raise UserError(f"--{name.replace('_', '-')} does not apply to task {task_name}; it is a setting "
                             f"of: {', '.join(users) or 'no task'}")
-    return build_config(task_name, task.recipe(model), overrides)
+    return build_config(task_name, task.recipe(model), {**overrides, "model_rev": task.model_rev(model)})
 
 
 def results_csv(cfg: RunConfig) -> Path:

@@ -61,6 +61,10 @@ class Task:
     def has_model(self, name: str) -> bool:
         return name in self.models()
 
+    def model_rev(self, name: str) -> str:
+        """The revision of a model whose definition changed under its name ('' for none): part of run ids."""
+        return ""
+
     def minimizers(self) -> list[str]:
         from bench.minimizers import MINIMIZERS
         return [self.base_optimizer, *MINIMIZERS]

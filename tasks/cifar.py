@@ -73,6 +73,9 @@ class CifarTask(Task):
             recipe.update(MODEL_INFO[model]["recipe"])
         return recipe
 
+    def model_rev(self, name: str) -> str:
+        return MODEL_INFO[name]["rev"] if name in MODEL_INFO else ""
+
     @property
     def num_classes(self) -> int:
         return _SPEC[self.dataset][2]

@@ -150,9 +150,13 @@ def test_global_batch_scales_lr_and_is_checked():
 def test_new_settings_leave_old_run_ids_alone_and_fixed_m_frees_world_size():
     cfg = RunConfig(task="cifar10", model="resnet20", minimizer="sam", rho=0.05)
     assert not {"augment", "m", "true_gradient", "weight_decay_style", "lr_recipe"} & set(cfg.identity())
-    # ids of results written before these settings existed are unchanged (recorded with the old code)
-    assert make_config("cifar10", minimizer="sam").run_id == "cifar10-resnet20-sam-s0-e192eacbd7"
-    assert make_config("cifar10-noise", minimizer="asam", noise=0.4).run_id == "cifar10-noise-resnet32-asam-s0-2a332ca3ee"
+    # ids of results written before these settings existed are unchanged (recorded with the old code) ...
+    assert make_config("cifar10", model="vgg19_bn", minimizer="sam").run_id == "cifar10-vgg19_bn-sam-s0-8de4e7ef17"
+    assert make_config("digits-noise", minimizer="asam", noise=0.4).run_id == "digits-noise-mlp-asam-s0-f9c5b83f4a"
+    # ... except where the network under a name changed: then the model's revision joins the id
+    assert make_config("cifar10", minimizer="sam").run_id != "cifar10-resnet20-sam-s0-e192eacbd7"  # option A's id
+    assert make_config("cifar10", minimizer="sam").model_rev == "homura-2021.3.1"
+    assert make_config("cifar10", model="resnet20_a", minimizer="sam").model_rev == ""
     a = RunConfig(task="cifar10", model="resnet20", minimizer="sam", m=32, batch_size=256, world_size=1)
     b = RunConfig(task="cifar10", model="resnet20", minimizer="sam", m=32, batch_size=256, world_size=8)
     assert a.run_id == b.run_id

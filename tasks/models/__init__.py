@@ -15,12 +15,14 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 MODEL_INFO: dict[str, dict] = {}
 
 
-def register_model(name: str, *, params_m: float, source: str, recipe: dict | None = None):
+def register_model(name: str, *, params_m: float, source: str, recipe: dict | None = None, rev: str = ""):
     """Register a builder `fn(num_classes, in_chans) -> nn.Module` with its published size (millions of parameters,
-    CIFAR-10 head) and the source of that figure; `recipe` holds per-model training differences."""
+    CIFAR-10 head) and the source of that figure; `recipe` holds per-model training differences. `rev` names a
+    model whose definition changed under the same name; it joins the run id (RunConfig.model_rev), so results
+    of the earlier network are never counted as this one's."""
     def deco(fn):
         _MODELS[name] = fn
-        MODEL_INFO[name] = {"params_m": params_m, "source": source, "recipe": recipe or {}}
+        MODEL_INFO[name] = {"params_m": params_m, "source": source, "recipe": recipe or {}, "rev": rev}
         return fn
     return deco
 

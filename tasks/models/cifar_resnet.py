@@ -107,16 +107,16 @@ _SRC = ("homura-core 2021.3.1, homura.vision.models.cifar_resnet.{} (the model t
         "example_cifar.py trains; count measured on the wheel)")
 
 
-@register_model("resnet20", params_m=0.272474, source=_SRC.format("resnet20"))
+@register_model("resnet20", params_m=0.272474, source=_SRC.format("resnet20"), rev="homura-2021.3.1")
 def resnet20(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return resnet(20, num_classes, in_chans)
 
 
-@register_model("resnet32", params_m=0.466906, source=_SRC.format("resnet32"))
+@register_model("resnet32", params_m=0.466906, source=_SRC.format("resnet32"), rev="homura-2021.3.1")
 def resnet32(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return resnet(32, num_classes, in_chans)
 
 
-@register_model("resnet56", params_m=0.855770, source=_SRC.format("resnet56"))
+@register_model("resnet56", params_m=0.855770, source=_SRC.format("resnet56"), rev="homura-2021.3.1")
 def resnet56(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return resnet(56, num_classes, in_chans)

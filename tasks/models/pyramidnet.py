@@ -159,7 +159,7 @@ class PyramidNet(nn.Module):
 _SRC = "Han et al. 2017, Deep Pyramidal Residual Networks, Table 4 (bottleneck, alpha=200, depth 272)"
 
 
-@register_model("pyramidnet272", params_m=26.0, source=_SRC, recipe={})
+@register_model("pyramidnet272", params_m=26.0, source=_SRC, recipe={}, rev="plain")
 def pyramidnet272(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return PyramidNet(272, 200, num_classes, p_max=None, in_chans=in_chans)
 

@@ -56,6 +56,6 @@ def resnext(depth: int, groups: int, width_per_group: int, num_classes: int = 10
 # kuangliu/pytorch-cifar's ResNeXt29_32x4d is the same network with a 1x1 stem: 4,774,218.
 @register_model("resnext29_32x4d", params_m=4.775754,
                 source="homura-core 2021.3.1, homura.vision.models.cifar_resnet.resnext29_32x4d (the model "
-                       "the official ASAM example_cifar.py trains; count measured on the wheel)")
+                       "the official ASAM example_cifar.py trains; count measured on the wheel)", rev="homura-2021.3.1")
 def resnext29_32x4d(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return resnext(29, 32, 4, num_classes, in_chans)

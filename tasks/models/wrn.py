@@ -50,11 +50,11 @@ _SRC = ("homura-core 2021.3.1, homura.vision.models.cifar_resnet.{} (the model t
         "WRN-28-10)")
 
 
-@register_model("wrn28_2", params_m=1.467610, source=_SRC.format("wrn28_2"))
+@register_model("wrn28_2", params_m=1.467610, source=_SRC.format("wrn28_2"), rev="homura-2021.3.1")
 def wrn28_2(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return wide_resnet(28, 2, num_classes, in_chans)
 
 
-@register_model("wrn28_10", params_m=36.479194, source=_SRC.format("wrn28_10"))
+@register_model("wrn28_10", params_m=36.479194, source=_SRC.format("wrn28_10"), rev="homura-2021.3.1")
 def wrn28_10(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return wide_resnet(28, 10, num_classes, in_chans)
