@@ -466,7 +466,7 @@ def test_perf_csv_and_subfolders_are_not_read(tmp_path, targets, tables):
     res = tmp_path / "results"
     write(res, "cifar10.csv", [run("cifar10", "resnet20", "sgd", 0, 90.0)])
     (res / "perf.csv").write_text("this,is\nnot,a,results,file\n")
-    write(res / "paper", "asam.csv", [run("cifar10", "resnet20", "sgd", 9, 10.0)])
+    write(res / "paper", "paper-cells.csv", [run("cifar10", "resnet20", "sgd", 9, 10.0)])
     df = load_results(res)
     assert list(df["run_id"]) == ["cifar10-resnet20-sgd-s0-n0-r"]
     assert df["noise"].tolist() == [0.0] and df["synthetic"].tolist() == [False]
