@@ -1,10 +1,11 @@
 """Which paper cell a results row belongs to: its settings against the tables' plans (`bench report`).
 
 A plan is plain data, table -> preset -> the settings (`RunConfig.identity()`) of every run that
-`bench reproduce --preset PRESET` would run for the table (`bench.sweep.plan.planned_settings` makes it).
-A row belongs to a plan when its settings equal a planned run's, seed aside. Rows are CSV cells read back
-(text, or numbers pandas guessed), plans are typed values: both are brought to one spelling first. No torch
-and no task registry here: only RunConfig's field names and defaults.
+`bench reproduce --preset PRESET` would run for the table, each with the row and variant labels of its cell
+(`bench.sweep.plan.planned_settings` makes it). A row belongs to a plan, and to that cell, when its settings
+equal a planned run's, seed aside. Rows are CSV cells read back (text, or numbers pandas guessed), plans are
+typed values: both are brought to one spelling first. No torch and no task registry here: only RunConfig's
+field names and defaults.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bench.config import DEFAULTS, NOT_IDENTITY
 FIELDS = tuple(f for f in DEFAULTS if f not in NOT_IDENTITY and f != "seed")
 SHOWN = ("task", "model", "minimizer", "noise")  # a cell's coordinates: the first columns of "Other runs"
 Plans = Mapping[str, Mapping[str, list[dict]]]  # table -> preset -> settings of each planned run
+ROW, VARIANT = "cell_row", "cell_variant"  # a planned run's cell: its row's and variant's labels
 
 
 def pct(noise: float) -> str:
@@ -52,15 +54,14 @@ def _settings(row: Mapping[str, Any]) -> tuple:
     return tuple(_canon(value(f)) for f in FIELDS)
 
 
-def _owners(plans: Plans) -> dict[tuple, list[tuple[str, str]]]:
-    """Planned settings -> the (table, preset) plans that name them, in the plans' order."""
-    owners: dict[tuple, list[tuple[str, str]]] = {}
+def _owners(plans: Plans) -> dict[tuple, dict[tuple[str, str], tuple[str, str]]]:
+    """Planned settings -> {(table, preset) plan naming them: (row, variant) of the cell}, in the plans' order."""
+    owners: dict[tuple, dict[tuple[str, str], tuple[str, str]]] = {}
     for table, by_preset in plans.items():
         for preset, runs in by_preset.items():
             for identity in runs:
-                pairs = owners.setdefault(_settings(identity), [])
-                if (table, preset) not in pairs:
-                    pairs.append((table, preset))
+                cells = owners.setdefault(_settings(identity), {})
+                cells.setdefault((table, preset), (str(identity.get(ROW, "")), str(identity.get(VARIANT, ""))))
     return owners
 
 
@@ -84,7 +85,7 @@ def _compared(settings: tuple, owners: dict) -> tuple[str, str, str]:
     if not same_task:
         return "", "", ""
     ref = min(same_task, key=lambda k: (any(k[i] != settings[i] for i in cell), len(_diff(settings, k))))
-    table, preset = owners[ref][0]
+    table, preset = next(iter(owners[ref]))
     where = f"{table} ({preset})"
     if any(ref[i] != settings[i] for i in cell):  # not its own cell: name the planned run it is closest to
         noise = float(ref[FIELDS.index("noise")])
@@ -94,12 +95,14 @@ def _compared(settings: tuple, owners: dict) -> tuple[str, str, str]:
 
 def match_plans(results: pd.DataFrame, plans: Plans) -> pd.DataFrame:
     """The (normalised) results, each row with where it belongs: `in_plans`, the (table, preset) plans
-    naming its settings, and `planned`; for the others `differs` and `compared` (see `_compared`);
-    `settings`, its settings as a tuple; `variant`, what sets its curve apart (preset or differences)."""
+    naming its settings, `cells`, {(table, preset): (row, variant) of its cell}, and `planned`; for the
+    others `differs` and `compared` (see `_compared`); `settings`, its settings as a tuple; `variant`, what
+    sets its curve apart (preset or differences)."""
     df = results.copy()
     owners, several = _owners(plans), len(presets(plans)) > 1
     settings = [_settings(r) for r in df.to_dict("records")]
     df["settings"] = pd.Series(settings, index=df.index, dtype=object)
+    df["cells"] = pd.Series([owners.get(k, {}) for k in settings], index=df.index, dtype=object)
     df["in_plans"] = pd.Series([tuple(owners.get(k, ())) for k in settings], index=df.index, dtype=object)
     df["planned"] = df["in_plans"].map(bool).astype(bool)
     differs, compared, variant = [], [], []

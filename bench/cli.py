@@ -216,8 +216,9 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 @app.command("reproduce")
 def reproduce_cmd(
-    tables: Annotated[Optional[list[str]], typer.Argument(help="Tables to run (table2 ... table6, demo); "
-                                                                "default: every table with the preset.")] = None,
+    tables: Annotated[Optional[list[str]], typer.Argument(help="Tables to run (asam2 ... asam6, sam1, sam2, sam4, "
+                                                                "sam5, demo) or a paper's (asam, sam); default: "
+                                                                "every table with the preset.")] = None,
     preset: Annotated[str, typer.Option(help="full (the papers' recipes), smoke (synthetic data, minutes "
                                              "on a CPU) or demo (digits with label noise).")] = "full",
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per cell; default: the preset's.")] = None,
@@ -341,8 +342,8 @@ def perf_cmd(
 def report_cmd(
     results_dir: Annotated[str, typer.Option(help="Folder of the result CSVs.")] = "results",
     out: Annotated[Optional[str], typer.Option(help="Markdown file; default <results-dir>/report.md.")] = None,
-    targets: Annotated[Optional[str], typer.Option(help="Paper targets CSV; default results/paper/asam.csv "
-                                                        "of this checkout.")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="The papers' published cells; default "
+                                                        "results/paper/paper-cells.csv of this checkout.")] = None,
     plot: Annotated[Optional[list[str]], typer.Option(help="TASK:MODEL to plot (repeatable); default: "
                                                            "every group with epoch logs, at most 12.")] = None,
     preset: Annotated[Optional[list[str]], typer.Option(
@@ -363,9 +364,10 @@ def report_cmd(
         if not Path(results_dir).is_dir():
             raise UserError(f"no results folder {results_dir}; run `bench run` or `bench reproduce` first")
         out_path = Path(out) if out else Path(results_dir) / "report.md"
-        targets_path = Path(targets) if targets else Path(__file__).resolve().parent.parent / "results/paper/asam.csv"
+        here = Path(__file__).resolve().parent.parent
+        targets_path = Path(targets) if targets else here / "results" / "paper" / "paper-cells.csv"
         if not targets_path.exists():
-            raise UserError(f"paper targets not found at {targets_path}; pass --targets FILE")
+            raise UserError(f"the papers' cells are not at {targets_path}; pass --targets FILE")
         pairs = None
         if plot:
             bad = [p for p in plot if ":" not in p]

@@ -1,9 +1,9 @@
 """`bench report`: result CSVs + the papers' figures -> markdown shaped like the papers' tables, plus curves.
 
-A pure function of files and plain data: it reads `<results>/*.csv`, the paper-targets CSV and
-tasks/tables.toml, is handed the plans (per table and preset, the settings of every run `bench reproduce`
-would run: `bench.sweep.plan.planned_settings`), and writes markdown and PNGs. It trains nothing and imports
-no torch and no task, so it runs anywhere the CSVs are.
+A pure function of files and plain data: it reads `<results>/*.csv`, the papers' published cells
+(results/paper/paper-cells.csv) and tasks/tables.toml, is handed the plans (per table and preset, the
+settings of every run `bench reproduce` would run, with its cell: `bench.sweep.plan.planned_settings`), and
+writes markdown and PNGs. It trains nothing and imports no torch and no task, so it runs anywhere the CSVs are.
 
 Like beside like, because a reader takes a cell for "this recipe, over seeds":
 - A paper cell averages only the runs its table's plan names: the same settings (`RunConfig.identity()`)
@@ -20,8 +20,11 @@ Like beside like, because a reader takes a cell for "this recipe, over seeds":
 - A setting missing from an older CSV (a column added since) takes RunConfig's default, the value that
   run used unless that default has changed since.
 - Synthetic-data runs are a pipeline check: never averaged with real-data runs nor set beside the paper's
-  figures. The SAM-paper section uses only runs of a `full` plan (none plans the SAM paper's recipes yet).
+  figures.
 - Curves draw one line per exact setting too: seeds averaged, different settings never.
+
+Each paper's table prints our cells as that paper printed its own (accuracy ± std for ASAM, error ± 95 %
+confidence interval for SAM) and the published figures as the CSV spells them: bench.report_tables.
 """
 from __future__ import annotations
 
@@ -34,22 +37,15 @@ import pandas as pd
 
 from bench.cells import Plans, match_plans, pct, presets
 from bench.errors import UserError
-
-try:
-    import tomllib
-except ImportError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from bench.report_tables import DASH, MARKS, TARGET_KEY, figures, md_table, ours, table_section
+from bench.tables import NAMES, layout, load_tables, metrics, models, tasks
 
 REQUIRED = ["run_id", "task", "model", "minimizer"]
 OPTIONAL = {"noise": 0.0, "synthetic": False, "status": "ok"}  # older CSVs predate these columns
-TARGET_COLUMNS = ["paper", "table", "task", "model", "minimizer", "metric", "mean"]
-NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "adam": "ADAM"}
+TARGET_COLUMNS = [*TARGET_KEY, "mean"]
+TARGET_OPTIONAL = ["spread", "spread_kind", "confidence", "source"]
 ORDER = ["sgd", "adam", "sam", "asam"]  # plot legend order; table columns follow tables.toml
-DASH, DAGGER = "–", "†"
-FOOTNOTE = f"{DAGGER} recalled from the paper, not yet cross-checked against the PDF."
-SYNTHETIC = " — synthetic data (pipeline check; not comparable to the paper)"
 MAX_PLOTS = 12
-PAPER_PRESET = "full"  # the preset that runs the papers' recipes: only its cells stand beside their figures
 
 
 def _read_csv(path: Path, what: str, required: list[str], **kw: Any) -> pd.DataFrame | None:
@@ -104,150 +100,25 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
 
 
 def load_targets(path: str | Path) -> pd.DataFrame:
-    """The papers' figures. Kept as text, so a figure prints exactly as the CSV spells it ("81.6" stays)."""
+    """The papers' published cells. Kept as text, so a figure prints exactly as the CSV spells it ("81.6"
+    stays, a spread "<0.1" too)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found; pass the paper-targets CSV (results/paper/asam.csv)")
-    df = _read_csv(path, "paper-targets CSV", TARGET_COLUMNS, dtype=str, keep_default_na=False)
+        raise UserError(f"{path} not found; pass the papers' cells (results/paper/paper-cells.csv)")
+    df = _read_csv(path, "paper-cells CSV", TARGET_COLUMNS, dtype=str, keep_default_na=False)
     if df is None:
         df = pd.DataFrame(columns=TARGET_COLUMNS)
-    for col in ("std", "status", "noise"):
+    for col in TARGET_OPTIONAL:
         if col not in df:
             df[col] = ""
     df = df.apply(lambda c: c.str.strip())
-    bad = pd.to_numeric(df["mean"], errors="coerce").isna()
-    if bad.any():
-        i = int(bad.to_numpy().nonzero()[0][0])
-        raise UserError(f"{path} line {i + 2}: mean {df['mean'].iloc[i]!r} is not a number; fix it")
+    for bad, what in ((pd.to_numeric(df["mean"], errors="coerce").isna(), "mean {!r} is not a number"),
+                      (~df["confidence"].isin([*MARKS, ""]), f"confidence {{!r}} is none of {', '.join(MARKS)}")):
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            value = df["mean" if "mean" in what else "confidence"].iloc[i]
+            raise UserError(f"{path} line {i + 2}: {what.format(value)}; fix it")
     return df
-
-
-def load_tables(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            tables = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path} not found; pass the table definitions (tasks/tables.toml)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path} is not valid TOML ({err}); fix it") from None
-    for name, t in tables.items():
-        lacks = [k for k in ("title", "task", "rows", "minimizers", "metrics") if k not in t]
-        if lacks:
-            raise UserError(f"{path}: table [{name}] lacks {', '.join(lacks)}; add them")
-    return tables
-
-
-def _ours(runs: pd.DataFrame, column: str | None) -> tuple[str, float | None]:
-    """`mean ± std (n)` over ok runs; diverged runs are counted, never averaged in."""
-    diverged = int((runs["status"] == "diverged").sum())
-    ok = runs.loc[runs["status"] == "ok"]
-    vals = pd.to_numeric(ok[column], errors="coerce").dropna() if column in ok else pd.Series(dtype=float)
-    if vals.empty:
-        return (f"diverged ({diverged})" if diverged else DASH), None
-    mean = float(vals.mean())
-    text = f"{mean:.2f} ± {vals.std(ddof=1):.2f} ({len(vals)})" if len(vals) > 1 else f"{mean:.2f} (1)"
-    return text + (f" +{diverged} diverged" if diverged else ""), mean
-
-
-def _paper_cell(fig: dict | None) -> tuple[str, float | None, bool]:
-    if fig is None:
-        return "n/a", None, False
-    recalled = fig["status"] == "recalled"
-    text = fig["mean"] + (f" ± {fig['std']}" if fig["std"] else "") + (f" {DAGGER}" if recalled else "")
-    return text, float(fig["mean"]), recalled
-
-
-def _delta(ours: float | None, paper: float | None) -> str:
-    # + 0.0 turns a rounded -0.0 into +0.00
-    return DASH if ours is None or paper is None else f"{round(ours - paper, 2) + 0.0:+.2f}"
-
-
-def _figures(targets: pd.DataFrame) -> dict:
-    """Paper figures by (paper, table, task, model, minimizer, metric, noise); noise None = clean data.
-    Noise tables need a figure per noise rate: the optional `noise` column of the targets CSV."""
-    noise = pd.to_numeric(targets.get("noise", pd.Series(index=targets.index)), errors="coerce").round(6)
-    return {(*(str(r[c]) for c in TARGET_COLUMNS[:6]), None if pd.isna(n) else n): r  # later duplicate wins
-            for r, n in zip(targets.to_dict("records"), noise)}
-
-
-def _figure(figs: dict, t: dict, model: str, minimizer: str, metric: str, noise: float | None) -> dict | None:
-    base = (str(t.get("paper")), str(t.get("table")), t["task"], model, minimizer, metric)
-    keys = [base + (None,), base + (0.0,)] if noise is None else [base + (round(noise, 6),)]
-    return next((figs[k] for k in keys if k in figs), None)
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-    return [line(header), line(["---"] * len(header)), *map(line, rows), ""]
-
-
-def _row_keys(t: dict, runs: pd.DataFrame, all_models: bool) -> tuple[str, list[tuple]]:
-    """(row-axis name, [(label, model, noise or None)]) in the paper's order, then anything else we ran."""
-    present = list(runs["model"].dropna().unique())
-    listed = list(t.get("models", []))
-    models = [m for m in listed if all_models or m in present] + sorted(set(present) - set(listed))
-    if t["rows"] != "noise":
-        return "model", [(m, m, None) for m in models]
-    pairs = runs[["model", "noise"]].dropna().drop_duplicates()
-    pairs = sorted(pairs.itertuples(index=False), key=lambda p: (models.index(p.model), p.noise))
-    # Name the model only when a row could otherwise be mistaken for the paper's model.
-    one = len(present) == 1 and present[0] in listed
-    return ("noise" if one else "model, noise"), [
-        (pct(p.noise) if one else f"{p.model}, {pct(p.noise)}", p.model, p.noise) for p in pairs]
-
-
-def _table_section(t: dict, runs: pd.DataFrame, figs: dict, synthetic: bool, preset: str = PAPER_PRESET,
-                   suffix: str = "") -> list[str]:
-    with_paper = not synthetic and t.get("paper") != "demo" and preset == PAPER_PRESET
-    out = [f"## {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""]
-    axis, rows = _row_keys(t, runs, all_models=not synthetic)
-    mins = list(t["minimizers"]) + sorted(set(runs["minimizer"].dropna()) - set(t["minimizers"]))
-    header = [axis]
-    for m in mins:
-        name = NAMES.get(m, m.upper())
-        header += [f"{name} (ours)"] + ([f"{name} (paper)", "Δ"] if with_paper else [])
-    for metric, column in t["metrics"].items():
-        if len(t["metrics"]) > 1 or metric != column:
-            out += [f"**{metric}** (results column `{column}`)", ""]
-        body, daggers = [], False
-        for label, model, noise in rows:
-            sel = runs[runs["model"] == model]
-            if noise is not None:
-                sel = sel[(sel["noise"] - noise).abs() < 1e-9]
-            cells, papers = [label], model in t.get("models", [model])  # the paper ran only its models
-            for m in mins:
-                text, mean = _ours(sel[sel["minimizer"] == m], column)
-                cells.append(text)
-                if with_paper:
-                    fig = _figure(figs, t, model, m, metric, noise) if papers else None
-                    ptext, pmean, recalled = _paper_cell(fig)
-                    daggers |= recalled
-                    cells += [ptext, _delta(mean, pmean)]
-            body.append(cells)
-        out += _md_table(header, body) + ([FOOTNOTE, ""] if daggers else [])
-    return out
-
-
-def _sam_section(results: pd.DataFrame, targets: pd.DataFrame) -> list[str]:
-    """The SAM paper's figures beside our runs of a `full` plan with the same task/model/minimizer."""
-    sam = targets[targets["paper"] == "sam"]
-    if sam.empty:
-        return []
-    full = results["in_plans"].map(lambda pairs: any(p == PAPER_PRESET for _, p in pairs)).astype(bool)
-    real = results[full & ~results["synthetic"] & (results["noise"] == 0)]  # its figures are clean data
-    body, daggers = [], False
-    for r in sam.to_dict("records"):
-        column = "max_test_acc" if r["metric"] in ("max_test_acc", "top1") else None
-        runs = real[(real["task"] == r["task"]) & (real["model"] == r["model"])
-                    & (real["minimizer"] == r["minimizer"])]
-        ours, mean = _ours(runs, column) if column else (DASH, None)
-        ptext, pmean, recalled = _paper_cell(r)
-        daggers |= recalled
-        body.append([*(r[c] for c in TARGET_COLUMNS[1:6]), ptext, ours, _delta(mean, pmean)])
-    header = [*TARGET_COLUMNS[1:6], "paper", "ours", "Δ"]
-    return ["## SAM paper", ""] + _md_table(header, body) + ([FOOTNOTE, ""] if daggers else [])
 
 
 def _failed_section(results: pd.DataFrame) -> list[str]:
@@ -256,7 +127,7 @@ def _failed_section(results: pd.DataFrame) -> list[str]:
     # Seeds come back as floats when the column has gaps: print 3, not 3.0.
     body = [["" if pd.isna(v) else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
              for v in (r.get(c) for c in cols)] for r in failed.to_dict("records")]
-    return ["## Failed runs", ""] + _md_table(cols, body) if body else []
+    return ["## Failed runs", ""] + md_table(cols, body) if body else []
 
 
 def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, plans: Plans,
@@ -276,17 +147,18 @@ def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, pl
             "(the same settings, any seed)" + (f"; the {len(others)} other run{'s' * (len(others) > 1)} "
                                                f"{'are' if len(others) > 1 else 'is'} under Other runs."
                                                if len(others) else "."), ""]
-    figs = _figures(targets)
+    figs = figures(targets)
     for name, t in tables.items():
-        given = list(plans.get(name, {}))
+        given = [p for p in plans.get(name, {}) if p in t.get("presets", {})]  # plans of this tables file
         for preset in given:
             runs = results[results["in_plans"].map(lambda pairs: (name, preset) in pairs).astype(bool)]
             suffix = f" (preset {preset})" if len(given) > 1 else ""
             for fake in (False, True):
                 part = runs[runs["synthetic"] == fake]
                 if len(part):
-                    out += _table_section(t, part, figs, synthetic=fake, preset=preset, suffix=suffix)
-    out += _other_section(others, tables, plans) + _sam_section(results, targets) + _failed_section(results)
+                    out += table_section(t, layout(name, t, preset), part, figs, synthetic=fake, preset=preset,
+                                          suffix=suffix)
+    out += _other_section(others, tables, plans) + _failed_section(results)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -296,7 +168,7 @@ def _names(names: list[str]) -> str:
 
 def _unplanned(task: str, tables: dict, given: list[str]) -> str:
     having = [f"table {n} has preset {_names(list(t.get('presets', {})))}"
-              for n, t in tables.items() if t["task"] == task]
+              for n, t in tables.items() if task in tasks(t)]
     why = (f"No table plans task {task} for preset {_names(given)} ({'; '.join(having)})" if having
            else f"No table in tables.toml covers task {task}")
     return why + "; its runs are told apart by the settings that vary among them."
@@ -308,14 +180,15 @@ def _other_section(others: pd.DataFrame, tables: dict, plans: Plans) -> list[str
         return []
     out = ["## Other runs", "", "Runs no plan above names, so they are in no cell: one line per setting, with "
            "the settings in which it differs from the planned run it is compared with.", ""]
-    tasks = _rank(t["task"] for t in tables.values())
-    models = _rank(m for t in tables.values() for m in t.get("models", []))
+    task_rank = _rank(task for t in tables.values() for task in tasks(t))
+    model_rank = _rank(m for t in tables.values() for m in models(t))
     mins = _rank(ORDER)
     for (task, fake), runs in sorted(others.groupby(["task", "synthetic"], dropna=False),
-                                     key=lambda g: (tasks(g[0][0]), g[0][1])):
-        mine = [t for t in tables.values() if t["task"] == task]
-        metrics = {k: v for t in mine for k, v in t["metrics"].items()} or {"max_test_acc": "max_test_acc"}
-        noisy = bool((runs["noise"] != 0).any()) or any(t["rows"] == "noise" for t in mine)
+                                     key=lambda g: (task_rank(g[0][0]), g[0][1])):
+        mine = [t for t in tables.values() if task in tasks(t)]
+        # Results columns as they are (accuracy, BLEU): an other run has no table to say how to print it.
+        columns = list(dict.fromkeys(m.column for t in mine for m in metrics(t))) or ["max_test_acc"]
+        noisy = bool((runs["noise"] != 0).any()) or any(t.get("row_axis") == "noise" for t in mine)
         out += [f"### {task}" + (" — synthetic data" if fake else ""), ""]
         if (runs["compared"] == "").all():
             out += [_unplanned(str(task), tables, presets(plans)), ""]
@@ -324,13 +197,14 @@ def _other_section(others: pd.DataFrame, tables: dict, plans: Plans) -> list[str
             groups.setdefault(k, []).append(i)
         body = []
         for g in sorted((runs.loc[i] for i in groups.values()), key=lambda g: (
-                models(g["model"].iloc[0]), mins(g["minimizer"].iloc[0]), g["noise"].iloc[0], g["differs"].iloc[0])):
+                model_rank(g["model"].iloc[0]), mins(g["minimizer"].iloc[0]), g["noise"].iloc[0],
+                g["differs"].iloc[0])):
             r = g.iloc[0]
             body.append([r["model"], r["minimizer"], *([pct(r["noise"])] if noisy else []),
                          r["differs"] or DASH, r["compared"] or DASH,
-                         *(_ours(g, column)[0] for column in metrics.values())])
-        header = ["model", "minimizer", *(["noise"] if noisy else []), "settings", "compared with", *metrics]
-        out += _md_table(header, body)
+                         *(ours(g, column)[0] for column in columns)])
+        header = ["model", "minimizer", *(["noise"] if noisy else []), "settings", "compared with", *columns]
+        out += md_table(header, body)
     return out
 
 
@@ -418,7 +292,7 @@ def _plot_groups(results: pd.DataFrame, tables: dict, plots: list | None) -> lis
     if plots is not None:
         wanted = [tuple(p) for p in plots]
         return sorted((g for g in groups if g[:2] in wanted), key=lambda g: (wanted.index(g[:2]), g[3], g[2]))
-    order = [t["task"] for t in tables.values()] + [m for t in tables.values() for m in t.get("models", [])]
+    order = [task for t in tables.values() for task in tasks(t)] + [m for t in tables.values() for m in models(t)]
     rank = {name: i for i, name in reversed(list(enumerate(order)))}  # first mention wins
     return sorted(groups, key=lambda g: (rank.get(g[0], len(order)), str(g[0]), rank.get(g[1], len(order)),
                                          str(g[1]), g[3], g[2]))

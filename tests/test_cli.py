@@ -108,7 +108,7 @@ def test_report_command(three_runs, tmp_path):
     text = out.read_text()
     # 2 epochs at batch 64 is no preset's plan: listed apart from the (empty) Table 2, by its differences.
     assert "ASAM Table 2" not in text and "### cifar10 — synthetic data" in text
-    assert "| resnet20 | asam | epochs=2, batch_size=64, lr=0.05 | table2 (full) |" in text  # lr scaled with the batch
+    assert "| resnet20 | asam | epochs=2, batch_size=64, lr=0.05 | asam2 (full) |" in text  # lr scaled with the batch
     assert (tmp_path / "r-cifar10-resnet20-synthetic.png").exists()
     assert invoke("report", "--results-dir", tmp_path / "none").exit_code == 2
     bad = invoke("report", "--results-dir", results, "--plot", "cifar10")
@@ -140,7 +140,7 @@ def test_report_preset_smoke_on_a_hand_made_folder(tmp_path):
     from bench.registry import tables_file
     from bench.sweep.plan import load_tables, planned_settings
 
-    smoke = planned_settings(load_tables(tables_file()), ["smoke"])["table2"]["smoke"]
+    smoke = planned_settings(load_tables(tables_file()), ["smoke"])["asam2"]["smoke"]
     rows = [{**s, "run_id": f"r{i}", "status": "ok", "synthetic": True, "max_test_acc": 30.0 + i}
             for i, s in enumerate(smoke)]
     rows.append({**rows[0], "run_id": "off", "lr": 0.5, "max_test_acc": 90.0})
@@ -150,8 +150,40 @@ def test_report_preset_smoke_on_a_hand_made_folder(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## ASAM Table 2: CIFAR-10, maximum test accuracy (%) — synthetic data" in text
     assert "| resnet20 | 30.00 (1) | 31.00 (1) | 32.00 (1) |" in text
-    assert "| resnet20 | sgd | lr=0.5 | table2 (smoke) | 90.00 (1) |" in text
+    assert "| resnet20 | sgd | lr=0.5 | asam2 (smoke) | 90.00 (1) |" in text
     # The default preset (full) plans none of these: all four are other runs.
     assert "the 4 other runs" in invoke("report", "--results-dir", tmp_path).output
     bad = invoke("report", "--results-dir", tmp_path, "--preset", "huge")
     assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.output
+
+
+def runs_per_table(output):
+    """`bench reproduce --dry-run` output -> table: runs planned plus runs not planned (parts not built yet)."""
+    import re
+    counts = {}
+    for line in output.splitlines():
+        if m := re.match(r"(\w+) \(.*\): (\d+) runs", line):
+            table = m.group(1)
+            counts[table] = int(m.group(2))
+        elif m := re.match(r"(\w+): skipped: ", line):
+            table = m.group(1)
+            counts[table] = sum(int(n) for n in re.findall(r"\((\d+) runs not planned\)", line))
+        elif m := re.match(r"  not planned: .* \((\d+) runs\)$", line):
+            counts[table] += int(m.group(1))
+    return counts
+
+
+def test_reproduce_a_papers_tables_dry_run(tmp_path):
+    r = invoke("reproduce", "sam", "--dry-run", "--results-dir", tmp_path)
+    assert r.exit_code == 0, r.output
+    # sam1: 2 datasets x 5 rows x 3 augmentations x (SGD at E and 2E epochs + SAM) x 5 seeds; sam2: 3 ResNets x
+    # 3 epoch counts x 2 x 5; sam4: 4 noise rates x 2 x 5; sam5: 2 datasets x 2 models x 2 augmentations x 3 x 5.
+    assert runs_per_table(r.output) == {"sam1": 450, "sam2": 90, "sam4": 40, "sam5": 120}
+    assert "sam2 (imagenet): 90 runs, 0 already done, 90 to run" in r.output
+    assert "sam4 (cifar10-noise): 40 runs, 0 already done, 40 to run" in r.output
+    r = invoke("reproduce", "sam", "--preset", "smoke", "--dry-run", "--results-dir", tmp_path)
+    assert r.exit_code == 0 and runs_per_table(r.output) == {"sam1": 6, "sam2": 2, "sam4": 2, "sam5": 6}
+    r = invoke("reproduce", "asam", "--dry-run", "--results-dir", tmp_path)
+    assert runs_per_table(r.output) == {"asam2": 120, "asam3": 120, "asam4": 9, "asam5": 9, "asam6": 36}
+    bad = invoke("reproduce", "sam3", "--dry-run")
+    assert bad.exit_code == 2 and "unknown table(s) sam3" in bad.output and "or a paper: asam, sam" in bad.output

@@ -1,36 +1,43 @@
 """bench.report: hand-made result CSVs with known numbers -> every aggregate in the markdown, and the plots.
 
 Rows that a cell must hold are built from the real plans (`bench reproduce`'s settings for the cell)."""
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from bench.cells import match_plans
+from bench.cells import ROW, VARIANT, match_plans
 from bench.errors import UserError
 from bench.report import (_normalise, load_results, load_tables, load_targets, plot_curves, render_report,
                           write_report)
+from bench.report_tables import figures
+from bench.stats import T975, t975
+from bench.tables import layout, metrics, minimizer_name, paper_key, references
 from bench.sweep.plan import planned_settings
 from bench.results import append_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "tasks" / "tables.toml"
-FOOTNOTE = "† recalled from the paper, not yet cross-checked against the PDF."
+FOOTNOTE = "† recalled from the paper, never cross-checked against its text: unverified, shown as recalled."
+CORROBORATED = "‡ recalled from the paper and corroborated: the same figure is another paper's baseline."
+ONE_SOURCE = "§ read in one source only (or in copies sharing one upstream)."
 SYNTH = " — synthetic data (pipeline check; not comparable to the paper)"
 T2 = "ASAM Table 2: CIFAR-10, maximum test accuracy (%)"
+S1 = "SAM Table 1: CIFAR-10 and CIFAR-100, test error (%) of the final epoch"
+S4 = "SAM Table 4: CIFAR-10 with symmetric label noise, ResNet-32, 200 epochs, test accuracy (%) of the final epoch"
+PAPER_CELLS = ROOT / "results" / "paper" / "paper-cells.csv"
 T4 = "ASAM Table 4: ImageNet, ResNet-50, top-1 / top-5 accuracy (%)"
 T6 = "ASAM Table 6: CIFAR-10 with symmetric label noise, ResNet-32, maximum test accuracy (%)"
 DEMO = "Demo: label noise on scikit-learn's digits (real data, 8x8), MLP, maximum test accuracy (%)"
 PLANS = planned_settings(load_tables(TABLES), ["full", "demo"])
 
-TARGETS = """paper,table,task,model,minimizer,metric,mean,std,status
-asam,2,cifar10,resnet20,sgd,max_test_acc,93.18,0.21,recalled
-asam,2,cifar10,resnet20,sam,max_test_acc,95.00,,mean-verified
-asam,2,cifar10,resnet56,asam,max_test_acc,95.42,0.16,mean-verified
-asam,4,imagenet,resnet50,sgd,top1,75.79,0.22,recalled
-asam,4,imagenet,resnet50,sgd,top5,92.62,0.04,mean-verified
-sam,table-ftimagenet,imagenet,resnet152,sam,top1,81.6,,verified-seed
-sam,table-cifar,cifar100,pyramidnet_shakedrop,sam,max_test_acc,89.7,,recalled
+TARGETS = """paper,table,dataset,model,variant,minimizer,metric,mean,spread,spread_kind,confidence,source
+asam,2,CIFAR-10,ResNet-20,,SGD,accuracy,93.18,0.21,std,recalled,recalled
+asam,2,CIFAR-10,ResNet-20,,SAM,accuracy,95.00,,,two-sources,read twice
+asam,2,CIFAR-10,ResNet-56,,ASAM,accuracy,95.42,0.16,std,two-sources,read twice
+asam,4,ImageNet,ResNet-50,,SGD,top1_accuracy,75.79,0.22,std,recalled,recalled
+asam,4,ImageNet,ResNet-50,,SGD,top5_accuracy,92.62,0.04,std,two-sources,read twice
 """
 
 
@@ -40,7 +47,7 @@ def planned(task, model, minimizer, noise=None, plans=PLANS):
         for runs in by_preset.values():
             for s in runs:
                 if (s["task"], s["model"], s["minimizer"]) == (task, model, minimizer) and noise in (None, s["noise"]):
-                    return dict(s)
+                    return {k: v for k, v in s.items() if k not in (ROW, VARIANT)}
     raise AssertionError(f"no plan for {task} {model} {minimizer} noise={noise}")
 
 
@@ -123,7 +130,8 @@ def test_table2_cells_paper_delta_and_footnote(tmp_path, targets, tables):
                                    "94.32 ± 0.00 (2)", "95.42 ± 0.16", "-1.10"]
     # Rows follow the paper: every model of the table, runs or not.
     assert row(t2, "densenet121") == ["densenet121"] + ["–", "n/a", "–"] * 3
-    assert [row(t2, m)[0] for m in tables["table2"]["models"]] == tables["table2"]["models"]
+    labels = [r["label"] for r in tables["asam2"]["rows"]]
+    assert [row(t2, m)[0] for m in labels] == labels
     assert t2.count(FOOTNOTE) == 1
 
 
@@ -140,11 +148,12 @@ def test_a_cell_holds_only_planned_runs_the_others_are_listed_by_how_they_differ
     assert row(section(md, T2), "resnet20")[1:5] == ["93.00 (1)", "93.18 ± 0.21 †", "-0.18", "–"]
     other = section(md, "Other runs")
     assert "### cifar10\n" in other
-    assert header(other) == ["model", "minimizer", "settings", "compared with", "max_test_acc"]
+    # Every results column the task's tables read (ASAM Table 2: max_test_acc; SAM Table 1: final_test_acc).
+    assert header(other) == ["model", "minimizer", "settings", "compared with", "max_test_acc", "final_test_acc"]
     lines = [l for l in other.splitlines() if l.startswith("| resnet20 ")]
-    assert lines == ["| resnet20 | sgd | epochs=2, lr=0.5 | table2 (full) | 62.00 ± 1.41 (2) |",
-                     "| resnet20 | sgd | epochs=2, precision=bf16 | table2 (full) | 70.00 (1) |",
-                     "| resnet20 | sam | rho=0.1 | table2 (full) | 80.00 (1) |"]
+    assert lines == ["| resnet20 | sgd | epochs=2, lr=0.5 | asam2 (full) | 62.00 ± 1.41 (2) | – |",
+                     "| resnet20 | sgd | epochs=2, precision=bf16 | asam2 (full) | 70.00 (1) | – |",
+                     "| resnet20 | sam | rho=0.1 | asam2 (full) | 80.00 (1) | – |"]
     assert "71.75" not in md  # the old mixed mean of 93, 61, 63 and 70
 
 
@@ -165,7 +174,7 @@ def test_each_given_preset_gets_its_own_cells(tmp_path, targets, tables):
     # Without the full preset, the full-recipe run is another run, compared with the smoke plan.
     md = report(tmp_path, targets, tables, planned_settings(load_tables(TABLES), ["demo", "smoke"]))
     assert row(section(md, T2), "resnet20")[1] == "40.00 (1)" and f"## {T2} (preset" not in md
-    assert row(section(md, "Other runs"), "resnet20")[2:4] == ["epochs=200, batch_size=128, lr=0.1", "table2 (smoke)"]
+    assert row(section(md, "Other runs"), "resnet20")[2:4] == ["epochs=200, batch_size=128, lr=0.1", "asam2 (smoke)"]
 
 
 def test_runs_of_tasks_no_plan_covers_are_other_runs(tmp_path, targets, tables):
@@ -186,7 +195,7 @@ def test_runs_of_tasks_no_plan_covers_are_other_runs(tmp_path, targets, tables):
 
 def test_plan_matching_ignores_the_seed_but_no_setting(tmp_path):
     base = planned("cifar10", "resnet20", "sam")
-    plans = {"table2": {"full": [{**base, "seed": s} for s in range(2)]}}
+    plans = {"asam2": {"full": [{**base, "seed": s} for s in range(2)]}}
     rows = [{**base, "seed": 7, "run_id": "seed"}, {**base, "rho": 0.06, "run_id": "rho"},
             {**base, "epochs": 199, "run_id": "epochs"}, {**base, "lr": 0.2, "run_id": "lr"},
             {**base, "nesterov": True, "run_id": "nesterov"}, {**base, "seed": 1, "device": "cpu", "run_id": "cpu"}]
@@ -195,7 +204,7 @@ def test_plan_matching_ignores_the_seed_but_no_setting(tmp_path):
     assert df["planned"].to_dict() == {"seed": True, "rho": False, "epochs": False, "lr": False,
                                        "nesterov": False, "cpu": True}
     assert df.loc["rho", "differs"] == "rho=0.06" and df.loc["nesterov", "differs"] == "nesterov=True"
-    assert df.loc["seed", "in_plans"] == (("table2", "full"),)
+    assert df.loc["seed", "in_plans"] == (("asam2", "full"),)
     # Curves: planned runs need no label with one preset; the others are named by their differences.
     assert df.loc["seed", "variant"] == "" and df.loc["epochs", "variant"] == "epochs=199"
 
@@ -211,13 +220,13 @@ def test_old_csvs_lacking_newer_columns_match_by_the_defaults(tmp_path, targets,
     assert row(section(md, T2), "vgg19_bn")[1] == "91.00 (1)"
     assert row(section(md, T2), "resnet20")[1] == "–"
     other = section(md, "Other runs")
-    assert row(other, "vgg19_bn")[1:4] == ["sam", "rho=0", "table2 (full)"]
-    assert row(other, "resnet20")[1:4] == ["sgd", "model_rev=", "table2 (full)"]
+    assert row(other, "vgg19_bn")[1:4] == ["sam", "rho=0", "asam2 (full)"]
+    assert row(other, "resnet20")[1:4] == ["sgd", "model_rev=", "asam2 (full)"]
 
 
 def test_no_footnote_without_recalled_figures(tmp_path, targets, tables):
     write(tmp_path / "results", "cifar10.csv", [run("cifar10", "resnet56", "asam", 0, 95.0)])
-    targets = targets[targets["status"] != "recalled"]
+    targets = targets[targets["confidence"] != "recalled"]
     md = render_report(load_results(tmp_path / "results"), targets, tables, PLANS)
     assert "†" not in md and FOOTNOTE not in md
     assert row(section(md, T2), "resnet56")[7:] == ["95.00 (1)", "95.42 ± 0.16", "-0.42"]
@@ -229,8 +238,8 @@ def test_a_model_no_plan_names_is_another_run(tmp_path, targets, tables):
     md = report(tmp_path, targets, tables)
     assert "| tiny |" not in section(md, T2)
     # Compared with the closest planned run of its task (resnet20: the row kept its model_rev).
-    assert row(section(md, "Other runs"), "tiny") == ["tiny", "sam", "model=tiny", "table2 (full): resnet20 sam",
-                                                       "50.00 (1)"]
+    assert row(section(md, "Other runs"), "tiny") == ["tiny", "sam", "model=tiny", "asam2 (full): resnet20 sam",
+                                                       "50.00 (1)", "–"]
 
 
 def test_rerun_replaces_the_earlier_row(tmp_path, targets, tables):
@@ -299,25 +308,46 @@ def test_demo_table_has_no_paper_columns_and_noise_rows(tmp_path, targets, table
     assert header(demo) == ["noise", "SGD (ours)", "SAM (ours)", "ASAM (ours)"]
     assert row(demo, "0 %") == ["0 %", "97.50 ± 0.71 (2)", "–", "–"]
     assert row(demo, "40 %") == ["40 %", "–", "–", "60.00 (1)"]
-    assert "paper" not in demo and "n/a" not in demo and "60 %" not in demo
+    assert row(demo, "60 %") == ["60 %", "–", "–", "–"]  # rows follow the table, runs or not
+    assert "paper" not in demo and "n/a" not in demo
 
 
-def test_noise_table_rows_and_noise_targets(tmp_path, targets, tables):
+def test_noise_table_rows_and_their_published_cells(tmp_path, targets, tables):
     write(tmp_path / "results", "cifar10-noise.csv", [
         run("cifar10-noise", "resnet32", "sgd", 0, 85.0, noise=0.4),
         run("cifar10-noise", "resnet32", "sam", 0, 88.0, noise=0.2),
         run("cifar10-noise", "resnet32", "sam", 1, 90.0, noise=0.2)])
     t6 = section(report(tmp_path, targets, tables), T6)
     assert header(t6)[:4] == ["noise", "SGD (ours)", "SGD (paper)", "Δ"]
-    assert t6.index("| 20 % |") < t6.index("| 40 % |")
+    assert [l.split("|")[1].strip() for l in t6.splitlines()[4:8]] == ["20 %", "40 %", "60 %", "80 %"]
     assert row(t6, "20 %") == ["20 %", "–", "n/a", "–", "89.00 ± 1.41 (2)", "n/a", "–", "–", "n/a", "–"]
     assert row(t6, "40 %")[1:4] == ["85.00 (1)", "n/a", "–"]
-    # Figures per noise rate come from an optional `noise` column of the targets CSV.
+    # A noise rate's published cell: the row's paper_variant ("noise 40%") of ResNet-32 on the noisy dataset.
     path = tmp_path / "t6.csv"
-    path.write_text("paper,table,task,model,minimizer,metric,mean,std,status,noise\n"
-                    "asam,6,cifar10-noise,resnet32,sgd,max_test_acc,84.00,0.10,mean-verified,0.4\n")
+    path.write_text(TARGETS + "asam,6 (label noise),CIFAR-10 (symmetric label noise),ResNet-32,noise 40%,SGD,"
+                              "accuracy,84.00,0.10,std,one-source,one transcription\n")
     t6 = section(render_report(load_results(tmp_path / "results"), load_targets(path), tables, PLANS), T6)
-    assert row(t6, "40 %")[1:4] == ["85.00 (1)", "84.00 ± 0.10", "+1.00"] and row(t6, "20 %")[2] == "n/a"
+    assert row(t6, "40 %")[1:4] == ["85.00 (1)", "84.00 ± 0.10 §", "+1.00"] and row(t6, "20 %")[2] == "n/a"
+    assert t6.count(ONE_SOURCE) == 1 and FOOTNOTE not in t6
+
+
+def test_each_confidence_kind_has_its_own_mark_and_note(tmp_path, tables):
+    (tmp_path / "t.csv").write_text(TARGETS.splitlines()[0] + "\n" + "\n".join(
+        f"asam,2,CIFAR-10,ResNet-20,,{m},accuracy,{mean},{spread},std,{kind},x" for m, mean, spread, kind in [
+            ("SGD", "93.18", "0.21", "recalled"), ("SAM", "96.98", "0.04", "recalled+corroborated"),
+            ("ASAM", "98.68", "", "one-source")]) + "\nasam,2,CIFAR-10,ResNet-56,,SGD,accuracy,94.58,0.20,std,"
+                                                     "two-sources,x\n")
+    write(tmp_path / "results", "cifar10.csv", [run("cifar10", "resnet20", "sgd", 0, 93.0)])
+    t2 = section(render_report(load_results(tmp_path / "results"), load_targets(tmp_path / "t.csv"), tables,
+                               PLANS), T2)
+    assert row(t2, "resnet20")[2::3] == ["93.18 ± 0.21 †", "96.98 ± 0.04 ‡", "98.68 §"]
+    assert row(t2, "resnet56")[2] == "94.58 ± 0.20"  # read in two sources: no mark
+    assert [t2.count(note) for note in (FOOTNOTE, CORROBORATED, ONE_SOURCE)] == [1, 1, 1]
+    assert t2.index(FOOTNOTE) < t2.index(CORROBORATED) < t2.index(ONE_SOURCE)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(TARGETS.replace("recalled,recalled", "hearsay,recalled", 1))
+    with pytest.raises(UserError, match=r"bad\.csv line 2: confidence 'hearsay' is none of recalled, "):
+        load_targets(bad)
 
 
 def test_table4_has_one_table_per_metric(tmp_path, targets, tables):
@@ -338,39 +368,110 @@ def test_missing_metric_column_means_no_runs_for_it(tmp_path, targets, tables):
     assert row(top5, "resnet50")[1:4] == ["–", "92.62 ± 0.04", "–"]
 
 
-def test_sam_paper_section_uses_only_runs_of_a_full_plan(tmp_path, targets, tables):
-    # No table plans the SAM paper's recipes: its PyramidNet run is another run, not the paper's cell.
-    shake = {**run("cifar100", "resnet20", "sam", 0, 89.0), "model": "pyramidnet_shakedrop"}
-    write(tmp_path / "results", "cifar100.csv", [
-        shake, run("cifar100", "wrn28_10", "sam", 0, 80.0), run("cifar100", "wrn28_10", "sam", 1, 82.0),
-        run("cifar100", "wrn28_10", "sam", 2, 10.0, synthetic=True),  # synthetic: never compared
-        {**run("cifar100", "wrn28_10", "sam", 3, 99.0), "epochs": 400}])  # off the plan: not compared
-    figure = "sam,table-c100,cifar100,wrn28_10,sam,max_test_acc,83.00,,mean-verified\n"
-    (tmp_path / "t.csv").write_text(TARGETS + figure)
-    md = render_report(load_results(tmp_path / "results"), load_targets(tmp_path / "t.csv"), tables, PLANS)
-    sam = section(md, "SAM paper")
-    assert header(sam) == ["table", "task", "model", "minimizer", "metric", "paper", "ours", "Δ"]
-    assert row(sam, "table-cifar") == ["table-cifar", "cifar100", "pyramidnet_shakedrop", "sam",
-                                       "max_test_acc", "89.7 †", "–", "–"]
-    assert row(sam, "table-c100")[5:] == ["83.00", "81.00 ± 1.41 (2)", "-2.00"]
-    assert row(sam, "table-ftimagenet") == ["table-ftimagenet", "imagenet", "resnet152", "sam", "top1",
-                                            "81.6", "–", "–"]
-    assert FOOTNOTE in sam
-    # ... and planned runs of another preset are no paper recipe either.
+def test_t_quantiles_are_the_textbook_values():
+    # t_{0.975, df} as every table prints it (3 decimals), and the normal limit 1.960.
+    known = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 20: 2.086, 29: 2.045,
+             30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980, 10**6: 1.960}
+    assert {df: round(t975(df), 3) for df in known} == known
+    assert len(T975) == 30 and list(T975) == sorted(T975, reverse=True)
+    with pytest.raises(ValueError):
+        t975(0)
+
+
+def test_every_cell_of_the_paper_tables_finds_its_published_figure(tables):
+    # tables.toml maps our names to the CSV's: every cell of every full table (and every reference) has
+    # its figure. Left over: what no table plans (SAM Table 3's fine-tuning, Table 9's rho = 0.05 repeat,
+    # whose vanilla PyramidNet CIFAR-10 row copies the ShakeDrop row, and ASAM Table 6's 0 % row).
+    figs = figures(load_targets(PAPER_CELLS))
+    found = set()
+    for name, t in tables.items():
+        lay = layout(name, t, "full")
+        for task, row, var in ((k, r, v) for k in lay.tasks for r in lay.rows for v in lay.variants) if lay else ():
+            keys = [paper_key(t, task, row, var, minimizer_name(t, m, paper=True), metric)
+                    for m in lay.minimizers for metric in metrics(t)]
+            keys += [paper_key(t, task, {**row, **{k: v for k, v in ref.items() if k == "paper_model"}}, var,
+                               ref["minimizer"], metrics(t)[0]) for ref in references(t)]
+            found |= {k for k in keys if k in figs}
+            assert all(k in figs or k[5].endswith("[literature]") for k in keys), [k for k in keys if k not in figs]
+    left = {(k[0], k[1], k[4]) for k in figs if k not in found}
+    assert {(paper, table) for paper, table, _ in left} == {("sam", "3"), ("sam", "9 (appendix C.3)"),
+                                                            ("asam", "6 (label noise)")}
+    assert {v for paper, table, v in left if paper == "asam"} == {"noise 0%"}
+
+
+def sam_run(table, cell, task, minimizer, seed, acc, epochs=None, **extra):
+    """A results row of one planned cell (row and variant labels) of a SAM table, its final accuracy `acc`."""
+    for s in PLANS[table]["full"]:
+        if ((s[ROW], s[VARIANT]), s["task"], s["minimizer"], s["seed"]) == (cell, task, minimizer, seed) and \
+                epochs in (None, s["epochs"]):
+            settings = {k: v for k, v in s.items() if k not in (ROW, VARIANT)}
+            return {"run_id": f"{table}-{task}-{minimizer}-{seed}-{s['epochs']}", "status": "ok", "synthetic": False,
+                    **settings, "final_test_acc": acc, **extra}
+    raise AssertionError(f"no planned run {table} {cell} {task} {minimizer} seed {seed} epochs {epochs}")
+
+
+def test_sam_table_prints_error_with_ci95_and_the_better_sgd(tmp_path, tables):
+    wrn = ("WRN-28-10 (200 epochs)", "Basic")
+    rows = [sam_run("sam1", wrn, "cifar10", "sam", s, a) for s, a in enumerate([97.0, 97.2, 97.4, 97.1, 97.3])]
+    for epochs, accs in ((200, [96.0, 96.2, 96.4, 96.1, 96.3]), (400, [96.5, 96.5, 96.6, 96.4, 96.5])):
+        rows += [sam_run("sam1", wrn, "cifar10", "sgd", s, a, epochs=epochs) for s, a in enumerate(accs)]
+    # CIFAR-100: the standard epochs win; two seeds, so t(0.975, 1) = 12.706.
+    rows += [sam_run("sam1", wrn, "cifar100", "sgd", s, a, epochs=200) for s, a in enumerate([80.0, 82.0])]
+    rows += [sam_run("sam1", wrn, "cifar100", "sgd", s, a, epochs=400) for s, a in enumerate([79.0, 80.0])]
+    rows += [{**sam_run("sam1", wrn, "cifar10", "sam", 0, 50.0), "run_id": "fake", "synthetic": True},  # never here
+             {**sam_run("sam1", wrn, "cifar10", "sam", 0, 99.0), "run_id": "off", "lr": 0.2}]  # another recipe
+    write(tmp_path / "results", "cifar.csv", rows)
+    md = render_report(load_results(tmp_path / "results"), load_targets(PAPER_CELLS), tables, PLANS)
+    s1 = section(md, S1)
+    assert header(s1)[:5] == ["model", "augmentation", "CIFAR-10 SGD (ours)", "CIFAR-10 SGD (paper)", "Δ"]
+    assert header(s1)[8:11] == ["CIFAR-100 SGD (ours)", "CIFAR-100 SGD (paper)", "Δ"]
+    line = [c for c in s1.splitlines() if c.startswith("| WRN-28-10 (200 epochs) | Basic |")][0]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # SAM: errors 3.0 2.8 2.6 2.9 2.7 -> mean 2.80, s = 0.1581, 2.7764 * 0.1581 / sqrt(5) = 0.196.
+    assert cells[5:8] == ["2.80 ± 0.20 (5)", "2.7 ± 0.1", "+0.10"]
+    # SGD: 200 epochs err 3.80, 400 epochs err 3.50 (s = 0.0707 -> 0.088): the better, with its epochs.
+    assert cells[2:5] == ["3.50 ± 0.09 (5, 400 ep)", "3.5 ± 0.1", "+0.00"]
+    # CIFAR-100: 200 epochs err 20, 18 -> 19.00 ± 12.706 * 1.414 / 1.414; 400 epochs (20.5) loses.
+    assert cells[8:11] == ["19.00 ± 12.71 (2, 200 ep)", "18.8 ± 0.2", "+0.20"]
+    assert "SGD ran each cell at the table's epochs and at twice as many" in s1
+    assert "mean ± t(0.975, n−1) · s / √n over the n seeds" in s1 and "error (%) = 100 − `final_test_acc`" in s1
+    # Published spreads print as given, rows without runs too; off-plan and synthetic runs are elsewhere.
+    assert "| WRN-28-10 (200 epochs) | AutoAugment | – | 2.3 ± 0.1 | – | – | 2.1 ± <0.1 | – |" in s1
+    assert "50.00" not in s1 and "1.00 (1)" not in s1 and "| wrn28_10 | sam | lr=0.2 | sam1 (full) |" in md
+
+
+def test_sam_label_noise_table_prints_its_other_methods_as_published(tmp_path, tables):
+    rows = [sam_run("sam4", ("80 %", ""), "cifar10-noise", m, s, a)
+            for m, accs in (("sgd", [30.0, 31.0, 32.0]), ("sam", [70.0, 71.0, 72.0])) for s, a in enumerate(accs)]
+    write(tmp_path / "results", "noise.csv", rows)
+    md = render_report(load_results(tmp_path / "results"), load_targets(PAPER_CELLS), tables, PLANS)
+    s4 = section(md, S4)
+    # Accuracy, not error; CI over 3 seeds: 4.3027 * 1 / sqrt(3) = 2.484.
+    assert row(s4, "80 %") == ["80 %", "31.00 ± 2.48 (3)", "26.2", "+4.80", "71.00 ± 2.48 (3)", "77.9", "-6.90"]
+    assert row(s4, "20 %") == ["20 %", "–", "84.8", "–", "–", "95.1", "–"]
+    refs = s4.split("**Other methods, as the paper printed them** (published figures, not runs of ours)")[1]
+    assert header(refs) == ["method (published, not run here)", "20 %", "40 %", "60 %", "80 %"]
+    assert row(refs, "Mixup") == ["Mixup", "93.0", "90.0", "83.8", "70.2"]
+    assert row(refs, "Bootstrap + SAM") == ["Bootstrap + SAM", "95.4", "94.2", "91.8", "79.9"]
+    assert row(refs, "MentorMix (2019) [literature]")[1:] == ["95.6", "94.2", "91.3", "81.0"]
+    assert row(refs, "Chen et al. (2019) [literature]")[1:] == ["89.7", "n/a", "n/a", "52.3"]
+    assert "SGD ran each cell" not in s4  # Table 4 gives SGD no doubled epochs
+    # A smoke plan's cells have nothing to be compared with: no paper columns, no references.
     smoke = planned_settings(load_tables(TABLES), ["smoke"])
-    write(tmp_path / "results", "cifar100.csv", [{**planned("cifar100", "resnet20", "sam", plans=smoke),
-                                                  "run_id": "s", "seed": 0, "status": "ok", "max_test_acc": 50.0}])
-    figure = "sam,table-c100,cifar100,resnet20,sam,max_test_acc,83.00,,mean-verified\n"
-    (tmp_path / "t.csv").write_text(TARGETS + figure)
-    md = render_report(load_results(tmp_path / "results"), load_targets(tmp_path / "t.csv"), tables, smoke)
-    assert row(section(md, "SAM paper"), "table-c100")[6] == "–"
+    run_s = {**{k: v for k, v in smoke["sam4"]["smoke"][0].items() if k not in (ROW, VARIANT)},
+             "run_id": "s", "status": "ok", "synthetic": True, "final_test_acc": 40.0}
+    write(tmp_path / "results", "noise.csv", [run_s])
+    md = render_report(load_results(tmp_path / "results"), load_targets(PAPER_CELLS), tables, smoke)
+    small = section(md, S4 + SYNTH)
+    assert header(small) == ["noise", "SGD (ours)", "SAM (ours)"] and "Other methods" not in small
+    assert "ResNet-20 stands in for ResNet-32 (CPU-sized)." in small
 
 
 def test_perf_csv_and_subfolders_are_not_read(tmp_path, targets, tables):
     res = tmp_path / "results"
     write(res, "cifar10.csv", [run("cifar10", "resnet20", "sgd", 0, 90.0)])
     (res / "perf.csv").write_text("this,is\nnot,a,results,file\n")
-    write(res / "paper", "asam.csv", [run("cifar10", "resnet20", "sgd", 9, 10.0)])
+    write(res / "paper", "paper-cells.csv", [run("cifar10", "resnet20", "sgd", 9, 10.0)])
     df = load_results(res)
     assert list(df["run_id"]) == ["cifar10-resnet20-sgd-s0-n0-r"]
     assert df["noise"].tolist() == [0.0] and df["synthetic"].tolist() == [False]
@@ -396,13 +497,14 @@ def test_malformed_csv_is_a_user_error_naming_the_file(tmp_path):
 
 
 def test_real_targets_and_tables_load(tables):
-    targets = load_targets(ROOT / "results" / "paper" / "asam.csv")
-    assert {"recalled", "mean-verified"} <= set(targets["status"])
-    assert list(tables)[:5] == ["table2", "table3", "table4", "table5", "table6"]
-    assert tables["table4"]["metrics"] == {"top1": "max_test_acc", "top5": "max_test_top5"}
+    targets = load_targets(PAPER_CELLS)
+    assert set(targets["confidence"]) == {"two-sources", "one-source", "recalled+corroborated", "recalled"}
+    assert {"<0.1", "<0.01"} <= set(targets["spread"])  # kept as printed
+    assert list(tables)[:5] == ["asam2", "asam3", "asam4", "asam5", "asam6"]
+    assert [n for n, t in tables.items() if t["paper"] == "sam"] == ["sam1", "sam2", "sam4", "sam5"]
     md = render_report(pd.DataFrame(), targets, tables, PLANS, source="nowhere")
     assert md.startswith("# sambench report\n\n0 runs read from `nowhere`.")
-    assert "## SAM paper" in md and "## ASAM" not in md
+    assert "## ASAM" not in md and "## SAM" not in md  # a table shows once it has runs
 
 
 def epochs(res, run_id, accs):
@@ -454,3 +556,21 @@ def test_write_report_writes_markdown_and_linked_plots(tmp_path, tables):
     md = write_report(res, out, tmp_path / "targets.csv", TABLES, PLANS, plots=[("cifar10", "resnet56")])
     assert "- cifar10 / resnet56: no epoch logs" in section(md, "Curves") and ".png" not in md
     assert "Curves" not in write_report(res, out, tmp_path / "targets.csv", TABLES, PLANS, plots=[])
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[t]\ntitle = "t"\ntask = "cifar10"\nrows = "model"\nmodels = ["resnet20"]\nminimizers = ["sgd"]\n'
+     'metrics = { a = "max_test_acc" }\n', 'table [t] uses the old format (rows = \'model\'); write rows as a list'),
+    ('[t]\ntitle = "t"\ntask = "cifar10"\nrows = [{ label = "a" }]\nminimizers = ["sgd"]\nmetrics = { a = "b" }\n'
+     'colour = "red"\n', "table [t] has unknown key(s) colour"),
+    ('[t]\ntitle = "t"\ntask = "cifar10"\nrows = [{ label = "a" }, { label = "a" }]\nminimizers = ["sgd"]\n'
+     'metrics = { a = "b" }\n', "table [t] repeats a label in rows"),
+    ('[t]\ntitle = "t"\ntask = "cifar10"\nrows = [{ label = "a" }]\nminimizers = ["sgd"]\nmetrics = { a = "b" }\n'
+     'spread = "sem"\n', "table [t] has spread other than std or ci95"),
+    ('[t]\ntitle = "t"\nrows = [{ label = "a" }]\nminimizers = ["sgd"]\nmetrics = { a = "b" }\n', "table [t] lacks task"),
+])
+def test_tables_file_mistakes_are_one_line_errors(tmp_path, text, message):
+    (tmp_path / "t.toml").write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        load_tables(tmp_path / "t.toml")
+    assert "\n" not in str(err.value)

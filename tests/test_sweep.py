@@ -19,7 +19,7 @@ from bench.sweep.claims import Claims
 from bench.sweep.launch import parse_gpus, sbatch_text, slurm_parameters
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-SMOKE6 = ["reproduce", "table6", "--preset", "smoke", "--device", "cpu", "--workers", "0", "--poll", "0.2"]
+SMOKE6 = ["reproduce", "asam6", "--preset", "smoke", "--device", "cpu", "--workers", "0", "--poll", "0.2"]
 
 
 def bench(*args):
@@ -139,9 +139,9 @@ def test_three_sweepers_share_one_plan(tmp_path):
         log = (res / "runs" / run_id / "output.log").read_text()
         assert log.count(f"{run_id}: ok") == 1 and "resuming" not in log
         assert not (res / "runs" / run_id / "claim.json").exists()  # released
-    status = CliRunner().invoke(app, ["reproduce", "table6", "--preset", "smoke", "--seeds", "2", "--status",
+    status = CliRunner().invoke(app, ["reproduce", "asam6", "--preset", "smoke", "--seeds", "2", "--status",
                                       "--results-dir", str(res)])
-    assert status.exit_code == 0 and "table6 (cifar10-noise): 6 runs: 6 done, 0 running, 0 failed, 0 to do" in status.output
+    assert status.exit_code == 0 and "asam6 (cifar10-noise): 6 runs: 6 done, 0 running, 0 failed, 0 to do" in status.output
 
 
 DRIVER = """
@@ -150,10 +150,10 @@ from bench.sweep.plan import plan
 from bench.sweep.sweeper import Sweeper
 from bench.registry import tables_file
 from bench.sweep.plan import load_tables
-t6 = dict(load_tables(tables_file())["table6"])
-t6["presets"] = {"smoke": {"models": ["resnet20"], "noise": [0.4], "seeds": 1, "synthetic": [512, 64],
-                           "settings": {"epochs": 3, "batch_size": 16}}}
-plans = plan({"table6": t6}, [], "smoke", results_dir=sys.argv[1], workers=0, device="cpu")
+t6 = dict(load_tables(tables_file())["asam6"])
+t6["presets"] = {"smoke": {"rows": ["40 %"], "seeds": 1, "synthetic": [512, 64],
+                           "settings": {"model": "resnet20", "epochs": 3, "batch_size": 16}}}
+plans = plan({"asam6": t6}, [], "smoke", results_dir=sys.argv[1], workers=0, device="cpu")
 plans[0].runs = plans[0].runs[:1]
 print("sweep", Sweeper(plans, sys.argv[1], poll=0.2, stale_after=float(sys.argv[2])).run(), flush=True)
 """
@@ -220,7 +220,7 @@ def test_slurm_sbatch_parameters(tmp_path):
                  "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=6", "#SBATCH --array=0-39%8",
                  "#SBATCH --account=proj", "#SBATCH --constraint=h100", "#SBATCH --job-name=sambench"]:
         assert line in text, text
-    r = CliRunner().invoke(app, ["reproduce", "table2", "--launcher", "slurm", "--dry-run", "--partition", "gpu",
+    r = CliRunner().invoke(app, ["reproduce", "asam2", "--launcher", "slurm", "--dry-run", "--partition", "gpu",
                                  "--gpus-per-run", "4", "--nodes-per-run", "2", "--max-parallel", "8",
                                  "--slurm-option", "account=proj", "--results-dir", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
@@ -245,7 +245,7 @@ def test_sweep_bad_input(tmp_path, extra, message):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "data.csv").write_text("a,b\n1,2\n")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    args = ["reproduce", "table6", "--preset", "smoke", "--results-dir", str(tmp_path / "r"),
+    args = ["reproduce", "asam6", "--preset", "smoke", "--results-dir", str(tmp_path / "r"),
             *[a.format(tmp=tmp_path) for a in extra]]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2, r.output
@@ -256,11 +256,11 @@ def test_sweep_bad_input(tmp_path, extra, message):
 def test_status_names_a_corrupt_claim(tmp_path):
     from bench.registry import tables_file
     from bench.sweep.plan import load_tables, plan
-    cfg = plan(load_tables(tables_file()), ["table6"], "smoke", results_dir=str(tmp_path))[0].runs[0]
+    cfg = plan(load_tables(tables_file()), ["asam6"], "smoke", results_dir=str(tmp_path))[0].runs[0]
     claims = Claims(tmp_path)
-    status = ["reproduce", "table6", "--preset", "smoke", "--status", "--results-dir", str(tmp_path)]
+    status = ["reproduce", "asam6", "--preset", "smoke", "--status", "--results-dir", str(tmp_path)]
     r = CliRunner().invoke(app, status)
-    assert r.exit_code == 0 and "table6 (cifar10-noise): 3 runs: 0 done, 0 running, 0 failed, 3 to do" in r.output
+    assert r.exit_code == 0 and "asam6 (cifar10-noise): 3 runs: 0 done, 0 running, 0 failed, 3 to do" in r.output
     claims.acquire(cfg.run_id)
     r = CliRunner().invoke(app, status)
     assert f"running  {cfg.run_id}  on " in r.output and "heartbeat 0 s ago" in r.output
@@ -272,7 +272,7 @@ def test_status_names_a_corrupt_claim(tmp_path):
 
 def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit -> ImportError
-    r = CliRunner().invoke(app, ["reproduce", "table6", "--preset", "smoke", "--launcher", "slurm",
+    r = CliRunner().invoke(app, ["reproduce", "asam6", "--preset", "smoke", "--launcher", "slurm",
                                  "--results-dir", str(tmp_path / "r")])
     assert r.exit_code == 2 and "--launcher slurm needs submitit: pip install 'sambench[cluster]'" in r.output
     assert not (tmp_path / "r").exists()

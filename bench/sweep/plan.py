@@ -1,21 +1,26 @@
-"""The paper tables' experiment matrix (tasks/tables.toml) -> a plan of runs (RunConfigs, hence run ids).
+"""The paper tables' experiment matrix (tasks/tables.toml, laid out by bench.tables) -> a plan of runs
+(RunConfigs, hence run ids).
 
 Resumable and idempotent: a run whose record (same run id: same settings and seed) already exists with
-status ok/diverged is skipped; an interrupted sweep continues where it stopped; `force` re-runs. Tables
-whose task is not built yet are listed and skipped with a message. The sweep itself: bench.sweep.sweeper.
+status ok/diverged is skipped; an interrupted sweep continues where it stopped; `force` re-runs. Cells that
+need a task, a model or a task setting this checkout does not have yet are left out and said so (a table
+with none left is skipped), so a table can be written before its parts are. The sweep itself:
+bench.sweep.sweeper.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import RunConfig
+from bench.cells import ROW, VARIANT
+from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig
 from bench.errors import UserError
 from bench.registry import get_task, has_task
 from bench.results import result_rows
 from bench.runner import completed_run_ids, make_config
-from bench.task import load_toml
+from bench.tables import Cell, Layout, expand_names, layout, load_tables, tasks  # noqa: F401  (load_tables: re-export)
 
 PRESETS = ("full", "smoke", "demo")
 
@@ -24,69 +29,91 @@ PRESETS = ("full", "smoke", "demo")
 class TablePlan:
     name: str
     title: str
-    task: str
+    task: str                                      # the table's task(s), for messages
     runs: list[RunConfig] = field(default_factory=list)
     done: set[str] = field(default_factory=set)   # run ids already in the results
     skipped: str = ""                              # why the whole table is skipped
+    unplanned: dict[str, int] = field(default_factory=dict)  # cells left out: why -> how many runs
     synthetic: dict[str, int] | None = None        # `make_fake` options of the generated data
+    cells: dict[str, tuple[str, str]] = field(default_factory=dict)  # run id -> (row, variant) label
 
     @property
     def todo(self) -> list[RunConfig]:
         return [c for c in self.runs if c.run_id not in self.done]
 
 
-def load_tables(path: str | Path) -> dict[str, dict]:
-    return load_toml(path)
-
-
 def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int | None = None,
          results_dir: str = "results", data_dir: str = "data", device: str = "auto", workers: int = 2,
          force: bool = False, download: bool = False, world_size: int = 1) -> list[TablePlan]:
+    """The runs of the named tables (a paper's name stands for its tables; none: every table with the
+    preset) under `preset`."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if seeds is not None and seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
-    unknown = [n for n in names if n not in tables]
-    if unknown:
-        raise UserError(f"unknown table(s) {', '.join(unknown)}; choose from: {', '.join(tables)}")
+    names = expand_names(tables, names)
     done = set() if force else completed_run_ids(results_dir)
+    where = dict(results_dir=results_dir, data_dir=data_dir, device=device, workers=workers,
+                 world_size=world_size, download=download)
     plans = []
     for name in names or [n for n in tables if preset in tables[n].get("presets", {})]:
         spec = tables[name]
-        tp = TablePlan(name=name, title=spec["title"], task=spec["task"])
+        lay = layout(name, spec, preset)
+        tp = TablePlan(name=name, title=spec["title"], task=", ".join(tasks(spec)))
         plans.append(tp)
-        p = spec.get("presets", {}).get(preset)
-        if p is None:
+        if lay is None:
             tp.skipped = f"no '{preset}' preset (it has: {', '.join(spec.get('presets', {}))})"
             continue
-        models = p.get("models", spec["models"])
-        noises = p.get("noise", spec.get("noise", [None]))
-        n_seeds = seeds or p.get("seeds", 1)
-        count = len(models) * len(noises) * len(spec["minimizers"]) * n_seeds
-        if not has_task(spec["task"]):
-            tp.skipped = f"task {spec['task']!r} is not built yet ({count} runs not planned)"
-            continue
-        if "synthetic" in p:
-            syn = p["synthetic"]
-            tp.synthetic = dict(syn) if isinstance(syn, dict) else {"train": syn[0], "test": syn[1]}
-            run_data = str(Path(results_dir) / "data" / spec["task"])
-        else:
-            run_data = data_dir
-        for model in models:
-            for noise in noises:
-                for minimizer in spec["minimizers"]:
-                    for seed in range(n_seeds):
-                        settings: dict[str, Any] = {**p.get("settings", {}), "model": model,
-                                                    "minimizer": minimizer, "seed": seed,
-                                                    "results_dir": results_dir, "data_dir": run_data,
-                                                    "device": device, "workers": workers,
-                                                    "world_size": world_size,
-                                                    "download": download and "synthetic" not in p}
-                        if noise is not None:
-                            settings["noise"] = noise
-                        tp.runs.append(make_config(spec["task"], **settings))
+        _plan_table(tp, lay, seeds or lay.seeds, where)
         tp.done = {c.run_id for c in tp.runs} & done
     return plans
+
+
+def _plan_table(tp: TablePlan, lay: Layout, n_seeds: int, where: dict[str, Any]) -> None:
+    """Fill `tp` with the runs of every cell this checkout can build; count the others by reason."""
+    tp.synthetic = lay.synthetic
+    for cell in lay.cells():
+        doubled = lay.double_sgd and cell.minimizer == "sgd"
+        why = _not_built(cell)
+        if why:
+            tp.unplanned[why] = tp.unplanned.get(why, 0) + n_seeds * (2 if doubled else 1)
+            continue
+        for cfg in _cell_runs(cell, n_seeds, doubled, lay.synthetic is not None, where):
+            if cfg.run_id in tp.cells:
+                raise UserError(f"table {tp.name} plans one run twice ({' / '.join(tp.cells[cfg.run_id])} and "
+                                f"{cell.row} / {cell.variant}): give its cells different settings")
+            tp.runs.append(cfg)
+            tp.cells[cfg.run_id] = (cell.row, cell.variant)
+    if not tp.runs:
+        tp.skipped = "; ".join(f"{why} ({n} runs not planned)" for why, n in tp.unplanned.items())
+
+
+def _cell_runs(cell: Cell, n_seeds: int, doubled: bool, synthetic: bool, where: dict[str, Any]) -> list[RunConfig]:
+    """Every seed of a cell; a doubled SGD cell at its epochs, then at twice as many."""
+    settings = dict(cell.settings)
+    if cell.minimizer == get_task(cell.task).base_optimizer:  # the base optimizer has no radius
+        settings.pop("rho", None)
+        settings.pop("eta", None)
+    if synthetic:  # the sweep writes the table's generated data here (bench.sweep.sweeper.ensure_fake_data)
+        where = {**where, "data_dir": str(Path(where["results_dir"]) / "data" / cell.task), "download": False}
+    runs = [make_config(cell.task, **settings, **where, minimizer=cell.minimizer, seed=seed)
+            for seed in range(n_seeds)]
+    return runs + [dataclasses.replace(c, epochs=2 * c.epochs) for c in runs] if doubled else runs
+
+
+def _not_built(cell: Cell) -> str:
+    """Why this checkout cannot run the cell yet ("" if it can): its task, model or a task setting missing.
+    Anything else wrong in a cell's settings is a mistake in the table, and make_config says so."""
+    if not has_task(cell.task):
+        return f"task {cell.task!r} is not built yet"
+    task = get_task(cell.task)
+    model = cell.settings.get("model") or task.recipe().get("model")
+    if not task.has_model(model):
+        return f"model {model!r} is not built yet for task {task.name}"
+    for name in TASK_SETTINGS:
+        if name not in task.settings and cell.settings.get(name, DEFAULTS[name]) != DEFAULTS[name]:
+            return f"task {task.name} does not read setting {name} yet"
+    return ""
 
 
 def measured_epoch_seconds(results_dir: str | Path) -> dict[tuple[str, str, str], tuple[float, str]]:
@@ -128,12 +155,17 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
         data = (", synthetic data " + " ".join(f"{k}={v}" for k, v in tp.synthetic.items())) if tp.synthetic else ""
         lines.append(f"{tp.name} ({tp.task}): {len(tp.runs)} runs, {len(tp.runs) - len(tp.todo)} already done, "
                      f"{len(tp.todo)} to run{data}; {est}")
+        lines += [f"  not planned: {why} ({n} runs)" for why, n in tp.unplanned.items()]
         for cfg in tp.todo:
             speed = speeds.get((cfg.task, cfg.model, cfg.minimizer))
             eta = f"{speed[0] * cfg.epochs / 3600:.2f} h on {speed[1]}" if speed else "speed not measured"
-            lines.append(f"  {cfg.run_id}  {cfg.model} {cfg.minimizer} rho={cfg.rho} noise={cfg.noise} "
-                         f"epochs={cfg.epochs} seed={cfg.seed}  ({eta})")
-    lines.append(f"total: {sum(len(t.todo) for t in plans)} runs to do; {total_h:.1f} GPU-h measured"
+            cell = " / ".join(label for label in tp.cells.get(cfg.run_id, ()) if label)
+            lines.append(f"  {cfg.run_id}  {f'[{cell}] ' if cell else ''}{cfg.model} {cfg.minimizer} rho={cfg.rho} "
+                         f"noise={cfg.noise} epochs={cfg.epochs} seed={cfg.seed}  ({eta})")
+    left = sum(n for t in plans for n in t.unplanned.values())
+    lines.append(f"total: {sum(len(t.todo) for t in plans)} runs to do"
+                 + (f" ({left} more not planned: their parts are not built yet)" if left else "")
+                 + f"; {total_h:.1f} GPU-h measured"
                  + (f", {unknown} runs without a measured speed (run one epoch on your GPU to measure)"
                     if unknown else ""))
     return lines
@@ -141,11 +173,13 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
 
 def planned_settings(tables: dict[str, dict], presets: list[str]) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """What `bench report` holds runs against: table -> preset -> the settings (`RunConfig.identity()`) of
-    every run `bench reproduce --preset PRESET` plans for that table. A table takes a plan from each given
-    preset it has; a table without any, or whose task is not built, plans nothing."""
+    every run `bench reproduce --preset PRESET` plans for that table, each with the labels of its cell's
+    row and variant (bench.cells.ROW, VARIANT). A table takes a plan from each given preset it has; a table
+    without any, or none of whose cells can be built yet, plans nothing."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for preset in dict.fromkeys(presets):  # a preset given twice counts once
         for tp in plan(tables, [], preset, workers=0, force=True):  # force: no need to read the results
             if tp.runs:
-                out.setdefault(tp.name, {})[preset] = [c.identity() for c in tp.runs]
+                out.setdefault(tp.name, {})[preset] = [
+                    {**c.identity(), ROW: tp.cells[c.run_id][0], VARIANT: tp.cells[c.run_id][1]} for c in tp.runs]
     return out

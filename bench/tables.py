@@ -1,0 +1,216 @@
+"""The papers' result tables as data (tasks/tables.toml): read, check, and lay out per preset.
+
+A table is tasks x rows x variants x minimizers x seeds. Rows and variants are lists of lines: a `label`,
+any RunConfig settings, and the names the published cells give them where those differ from the label
+(`paper_model`, `paper_variant`). A setting's value may be a table keyed by task (`rho = {cifar10 = 0.05,
+cifar100 = 0.1}`). Settings stack: the table's `settings`, the row's, the variant's, the preset's.
+
+Pure data: no torch and no task registry. bench.sweep.plan turns a layout into runs, bench.report into
+markdown; both read the tables through this module, so they agree on rows, variants and their order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from bench.errors import UserError
+
+try:
+    import tomllib
+except ImportError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+TABLE_KEYS = {"paper", "table", "title", "task", "tasks", "datasets", "rows", "variants", "row_axis",
+              "variant_axis", "minimizers", "metrics", "settings", "value", "spread", "sgd_double_epochs",
+              "paper_model", "paper_minimizers", "references", "presets"}
+PRESET_KEYS = {"rows", "variants", "tasks", "seeds", "settings", "synthetic", "note"}
+LINE_META = ("label", "paper_model", "paper_variant")  # a line's keys that are not settings
+NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "adam": "ADAM"}  # how the report heads our columns
+PLAIN = {"label": ""}  # the one variant of a table without variants
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str            # the paper's metric name (paper-cells.csv `metric`) unless `paper_metric` says
+    column: str          # the results column it is read from
+    paper_metric: str
+    paper_variant: str | None  # where a metric, not a line, picks the published cell (BLEU valid / test)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a table: every seed of it runs these settings (rho/eta still for every minimizer)."""
+    task: str
+    row: str
+    variant: str
+    minimizer: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A table under one preset: the lines it keeps, the seeds, the generated data, the preset's note."""
+    name: str
+    spec: dict[str, Any]
+    tasks: list[str]
+    rows: list[dict[str, Any]]
+    variants: list[dict[str, Any]]
+    seeds: int
+    synthetic: dict[str, int] | None
+    note: str
+    preset_settings: dict[str, Any]  # win over the table's, the row's and the variant's
+
+    @property
+    def minimizers(self) -> list[str]:
+        return list(self.spec["minimizers"])
+
+    @property
+    def double_sgd(self) -> bool:
+        """The SAM paper gave SGD twice the epochs too and kept the better: plan both."""
+        return bool(self.spec.get("sgd_double_epochs"))
+
+    def cells(self) -> Iterator[Cell]:
+        for task in self.tasks:
+            for row in self.rows:
+                for variant in self.variants:
+                    settings = {}
+                    for layer in (self.spec.get("settings", {}), row, variant, self.preset_settings):
+                        settings.update(resolve(self.name, layer, task))
+                    for m in self.minimizers:
+                        yield Cell(task, row["label"], variant["label"], m, dict(settings))
+
+
+def resolve(table: str, layer: dict[str, Any], task: str) -> dict[str, Any]:
+    """A line's (or settings table's) settings for one task: per-task values picked, meta keys dropped."""
+    out = {}
+    for key, value in layer.items():
+        if key in LINE_META:
+            continue
+        if isinstance(value, dict):
+            if task not in value:
+                raise UserError(f"tables.toml [{table}]: {key} = {value} names no value for task {task}; add one")
+            value = value[task]
+        out[key] = value
+    return out
+
+
+def tasks(spec: dict[str, Any]) -> list[str]:
+    return list(spec.get("tasks") or [spec["task"]])
+
+
+def load_tables(path: str | Path) -> dict[str, dict[str, Any]]:
+    """tasks/tables.toml, checked: a table lacking a key, or with one this format does not know, is a
+    one-line UserError naming the table."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            tables = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; pass the table definitions (tasks/tables.toml)") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path} is not valid TOML ({err}); fix it") from None
+    for name, spec in tables.items():
+        _check(path, name, spec)
+    return tables
+
+
+def _check(path: Path, name: str, spec: dict[str, Any]) -> None:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UserError(f"{path}: table [{name}] {what}; fix it")
+
+    lacks = [k for k in ("title", "rows", "minimizers", "metrics") if k not in spec]
+    need(not lacks and ("task" in spec or "tasks" in spec), f"lacks {', '.join(lacks or ['task'])}")
+    need(not isinstance(spec.get("rows"), str), f"uses the old format (rows = {spec.get('rows')!r}); write rows "
+         "as a list of lines, e.g. rows = [{ label = \"wrn28_10\", model = \"wrn28_10\" }] (see the file's header)")
+    need(not set(spec) - TABLE_KEYS, f"has unknown key(s) {', '.join(sorted(set(spec) - TABLE_KEYS))}")
+    need(spec.get("value", "accuracy") in ("accuracy", "error"), "has value other than accuracy or error")
+    need(spec.get("spread", "std") in ("std", "ci95"), "has spread other than std or ci95")
+    for axis in ("rows", "variants"):
+        lines = spec.get(axis, [PLAIN])
+        need(isinstance(lines, list) and lines and all(isinstance(x, dict) and "label" in x for x in lines),
+             f"{axis} must be a non-empty list of tables, each with a label")
+        labels = [x["label"] for x in lines]
+        need(len(set(labels)) == len(labels), f"repeats a label in {axis}")
+    for preset, p in spec.get("presets", {}).items():
+        need(not set(p) - PRESET_KEYS, f"preset {preset} has unknown key(s) {', '.join(sorted(set(p) - PRESET_KEYS))}")
+
+
+def expand_names(tables: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """Table names as given, a paper's name (`asam`, `sam`) standing for that paper's tables."""
+    papers = {}
+    for table, spec in tables.items():
+        papers.setdefault(spec.get("paper", ""), []).append(table)
+    out = []
+    for name in names:
+        if name not in tables and name not in papers:
+            raise UserError(f"unknown table(s) {name}; choose from: {', '.join(tables)} or a paper: "
+                            f"{', '.join(p for p in papers if p and p not in tables)}")
+        out += [name] if name in tables else papers[name]
+    return list(dict.fromkeys(out))
+
+
+def layout(name: str, spec: dict[str, Any], preset: str) -> Layout | None:
+    """The table under `preset` (None if it has no such preset): the rows, variants and tasks it keeps."""
+    p = spec.get("presets", {}).get(preset)
+    if p is None:
+        return None
+    synthetic = p.get("synthetic")
+    if synthetic is not None and not isinstance(synthetic, dict):
+        synthetic = {"train": synthetic[0], "test": synthetic[1]}
+    return Layout(name=name, spec=spec, tasks=_keep(name, preset, "tasks", tasks(spec), p),
+                  rows=_keep(name, preset, "rows", spec["rows"], p),
+                  variants=_keep(name, preset, "variants", spec.get("variants", [PLAIN]), p),
+                  seeds=int(p.get("seeds", 1)), synthetic=dict(synthetic) if synthetic else None,
+                  note=p.get("note", ""), preset_settings=p.get("settings", {}))
+
+
+def _keep(table: str, preset: str, axis: str, items: list, p: dict[str, Any]) -> list:
+    """The items (lines, or task names) a preset keeps, by label, in the table's order."""
+    label = (lambda x: x) if axis == "tasks" else (lambda x: x["label"])
+    wanted = p.get(axis)
+    if wanted is None:
+        return list(items)
+    unknown = [w for w in wanted if w not in {label(x) for x in items}]
+    if unknown:
+        raise UserError(f"tables.toml [{table}] preset {preset}: no {axis[:-1]} {unknown[0]!r}; choose from: "
+                        f"{', '.join(label(x) for x in items)}")
+    return [x for x in items if label(x) in wanted]
+
+
+def metrics(spec: dict[str, Any]) -> list[Metric]:
+    """A metric is `name = "results column"` or `name = { column, paper_metric, paper_variant }`."""
+    out = []
+    for name, m in spec["metrics"].items():
+        m = {"column": m} if isinstance(m, str) else m
+        out.append(Metric(name, m["column"], m.get("paper_metric", name), m.get("paper_variant")))
+    return out
+
+
+def paper_key(spec: dict[str, Any], task: str, row: dict, variant: dict, minimizer: str,
+              metric: Metric) -> tuple[str, ...]:
+    """The published cell's coordinates in paper-cells.csv: (paper, table, dataset, model, variant,
+    minimizer, metric), `minimizer` as the paper names it. A line's names default to its label; a metric or
+    a row may name the variant."""
+    model = row.get("paper_model", spec.get("paper_model", row["label"]))
+    var = metric.paper_variant or variant.get("paper_variant") or row.get("paper_variant") or variant["label"]
+    return (str(spec.get("paper", "")), str(spec.get("table", "")), spec.get("datasets", {}).get(task, task),
+            model, var, minimizer, metric.paper_metric)
+
+
+def minimizer_name(spec: dict[str, Any], minimizer: str, paper: bool = False) -> str:
+    """Our column heading of a minimizer, or (paper=True) the name its published cells use."""
+    names = {**NAMES, **(spec.get("paper_minimizers", {}) if paper else {})}
+    return names.get(minimizer, minimizer.upper())
+
+
+def references(spec: dict[str, Any]) -> list[dict[str, str]]:
+    """Published cells of methods we do not run (`references`): `"Mixup"` or `{ minimizer, paper_model }`."""
+    return [{"minimizer": r} if isinstance(r, str) else dict(r) for r in spec.get("references", [])]
+
+
+def models(spec: dict[str, Any]) -> list[str]:
+    """The models a table's rows (or its settings) name, in order: for sorting the report's other runs."""
+    found = [line.get("model") for line in spec["rows"]] + [spec.get("settings", {}).get("model")]
+    return list(dict.fromkeys(m for m in found if isinstance(m, str)))
