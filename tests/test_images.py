@@ -86,11 +86,15 @@ def test_augmentation_is_seeded_per_example_so_resumes_are_identical(fake_cifar1
     assert not torch.equal(next(iter(again))[0], a[0])
 
 
-def test_policy_and_padding_come_from_the_recipe_data():
-    ops = get_task("cifar10").transforms("autoaugment")[0].transforms
-    assert ops[0].policy.value == "cifar10" and ops[1].padding_mode == "constant"  # the ASAM code's zero padding
-    assert [type(t).__name__ for t in get_task("cifar100").transforms("none")[0].transforms] == ["ToTensor",
-                                                                                              "Normalize"]
+def test_policies_and_padding_come_from_the_recipe_data():
+    def ops(task, augment):
+        return get_task(task).transforms(augment)[0].transforms
+    cifar, svhn = ops("cifar10", "autoaugment"), ops("svhn", "autoaugment")
+    assert cifar[0].policy.value == "cifar10" and svhn[0].policy.value == "svhn"
+    assert cifar[1].padding_mode == "constant" and svhn[1].padding_mode == "reflect"  # ASAM code / SAM code
+    assert [type(t).__name__ for t in ops("svhn", "basic")] == ["RandomCrop", "RandomHorizontalFlip", "ToTensor",
+                                                                "Normalize"]
+    assert [type(t).__name__ for t in ops("cifar100", "none")] == ["ToTensor", "Normalize"]
 
 
 def test_auto_loader_uses_the_device_path_only_where_it_can_augment():
