@@ -94,7 +94,7 @@ def test_policies_and_padding_come_from_the_recipe_data():
     assert cifar[1].padding_mode == "constant" and svhn[1].padding_mode == "reflect"  # ASAM code / SAM code
     assert [type(t).__name__ for t in ops("svhn", "basic")] == ["RandomCrop", "RandomHorizontalFlip", "ToTensor",
                                                                 "Normalize"]
-    assert [type(t).__name__ for t in ops("cifar100", "none")] == ["ToTensor", "Normalize"]
+    assert [type(t).__name__ for t in ops("fashion-mnist", "none")] == ["ToTensor", "Normalize"]
 
 
 def test_auto_loader_uses_the_device_path_only_where_it_can_augment():
