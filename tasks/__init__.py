@@ -1,2 +1,2 @@
 """Tasks, one module each; importing this package registers them all with bench.registry."""
-from tasks import cifar, digits, imagenet, iwslt14, label_noise  # noqa: F401
+from tasks import cifar, digits, fashion_mnist, imagenet, iwslt14, label_noise, svhn  # noqa: F401

@@ -1,9 +1,10 @@
-"""CIFAR-10 / CIFAR-100 (ASAM Tables 2 and 3): torchvision's datasets, the official recipe.
+"""CIFAR-10 / CIFAR-100 (ASAM Tables 2 and 3): torchvision's datasets, the official recipe (cifar.toml).
 
 Data lives under `--data-dir` exactly as torchvision's CIFAR10/CIFAR100 expect it
 (`<data-dir>/cifar-10-batches-py/`, `<data-dir>/cifar-100-python/`); `--download` fetches it.
 `bench data fake cifar10 DIR` writes a small synthetic set in the same pickle format, marked by a
 `SYNTHETIC` file: for it (and only for it) the loader skips torchvision's md5 check.
+Everything else (augmentation, loaders, models, label noise) is the generic image task, tasks/images.py.
 """
 from __future__ import annotations
 
@@ -13,18 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
-from torchvision import datasets, transforms
+from torchvision import datasets
 
-from bench.augment import DeviceCifarLoader
-from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER, Job, Task, load_toml
-from tasks.models import MODEL_INFO, create_model, model_names
+from bench.task import SYNTHETIC_MARKER
+from tasks.images import ImageSet, ImageTask, fake_images, make_loss  # noqa: F401 (imagenet imports make_loss here)
 
-RECIPE = load_toml(Path(__file__).with_name("cifar.toml"))
+RECIPE_FILE = str(Path(__file__).with_name("cifar.toml"))
 
 _SPEC = {  # torchvision class, its folder, number of classes
     "cifar10": (datasets.CIFAR10, "cifar-10-batches-py", 10),
@@ -62,105 +59,26 @@ def load_cifar(root: str | Path, dataset: str, train: bool, transform=None, down
             "data") from None
 
 
-class CifarTask(Task):
+class CifarTask(ImageTask):
+    recipe_file = RECIPE_FILE
     dataset = "cifar10"
-    base_optimizer = "sgd"
 
-    def recipe(self, model: str | None = None) -> dict[str, Any]:
-        spec = RECIPE[self.dataset]
-        recipe = {**RECIPE["common"], "rho_by_minimizer": spec["rho_by_minimizer"], "models": model_names()}
-        if model in MODEL_INFO:  # per-model differences live next to the model's registration
-            recipe.update(MODEL_INFO[model]["recipe"])
-        return recipe
+    def load(self, cfg, train: bool) -> ImageSet:
+        ds = load_cifar(cfg.data_dir, self.dataset, train, download=cfg.download and train)
+        return ImageSet(ds.data, ds.targets, "NHWC")  # (N, 32, 32, 3) uint8, as torchvision keeps it
 
-    def model_rev(self, name: str) -> str:
-        return MODEL_INFO[name]["rev"] if name in MODEL_INFO else ""
-
-    @property
-    def num_classes(self) -> int:
-        return _SPEC[self.dataset][2]
-
-    def transforms(self):
-        spec = RECIPE[self.dataset]
-        norm = transforms.Normalize(spec["mean"], spec["std"])
-        train = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor(), norm])
-        test = transforms.Compose([transforms.ToTensor(), norm])
-        return train, test
-
-    def datasets(self, cfg):
-        """(train, test) datasets; subclasses (label noise) change the training labels here."""
-        t_train, t_test = self.transforms()
-        train = load_cifar(cfg.data_dir, self.dataset, True, t_train, cfg.download)
-        test = load_cifar(cfg.data_dir, self.dataset, False, t_test, False)
-        return train, test
-
-    def build(self, cfg, device: torch.device) -> Job:
-        train_set, test_set = self.datasets(cfg)
-        if use_device_loader(cfg, device):
-            spec = RECIPE[self.dataset]
-            kw = dict(mean=spec["mean"], std=spec["std"], seed=cfg.seed, device=device,
-                      channels_last=cfg.channels_last)
-            train = DeviceCifarLoader(train_set.data, train_set.targets, cfg.per_replica_batch, train=True, **kw)
-            test = DeviceCifarLoader(test_set.data, test_set.targets, max(cfg.per_replica_batch, 256), train=False, **kw)
-        else:
-            train = make_loader(train_set, cfg.per_replica_batch, train=True, seed=cfg.seed, workers=cfg.workers,
-                                device=device)
-            test = make_loader(test_set, max(cfg.per_replica_batch, 256), train=False, seed=cfg.seed,
-                               workers=cfg.workers, device=device)
-        model = create_model(cfg.model, num_classes=self.num_classes)
-        return Job(model=model, train_loader=train, test_loader=test, loss_fn=make_loss(cfg.label_smoothing),
-                   num_train=len(train_set), synthetic=is_synthetic(cfg.data_dir, self.dataset),
-                   info={"train_size": len(train_set), "test_size": len(test_set), **self.dataset_info(train_set)})
-
-    def make_model(self, name: str) -> nn.Module:
-        return create_model(name, num_classes=self.num_classes)
-
-    def dataset_info(self, train) -> dict[str, Any]:
-        """Extra facts about the training set for the results row (label noise: the realised rate)."""
-        return {}
+    def is_synthetic(self, cfg) -> bool:
+        return is_synthetic(cfg.data_dir, self.dataset)
 
     def make_fake(self, out_dir: str, train: int = 2000, test: int = 500, seed: int = 0, **_: Any) -> str:
         path = write_fake_cifar(out_dir, self.dataset, train, test, seed)
         return f"wrote synthetic {self.dataset} ({train} train / {test} test images) to {path}"
 
 
-def use_device_loader(cfg, device: torch.device) -> bool:
-    """The GPU-resident loader: asked for, or automatic on CUDA in a single process."""
-    from bench import distributed as D
-    if cfg.loader == "device" and D.is_distributed():
-        raise UserError("--loader device does not shard data across torchrun replicas yet; use --loader "
-                        "torchvision (the default under torchrun)")
-    return cfg.loader == "device" or (cfg.loader == "auto" and device.type == "cuda" and not D.is_distributed())
-
-
 register_task("cifar10", dataset="cifar10",
               description="CIFAR-10, ASAM Table 2 (torchvision data, official recipe)")(CifarTask)
 register_task("cifar100", dataset="cifar100",
               description="CIFAR-100, ASAM Table 3 (torchvision data, official recipe)")(CifarTask)
-
-
-def make_loss(smoothing: float) -> nn.Module:
-    if smoothing > 0:  # the official script's loss
-        from timm.loss import LabelSmoothingCrossEntropy
-        return LabelSmoothingCrossEntropy(smoothing=smoothing)
-    return nn.CrossEntropyLoss()
-
-
-def fake_images(n: int, num_classes: int, seed: int, split: int) -> tuple[np.ndarray, list[int]]:
-    """Learnable synthetic images: each class is a smooth random colour template (drawn from `seed`, shared
-    by the splits); an image is its class's template, randomly shifted, plus noise (drawn per split).
-    uint8, (n, 3072) in CIFAR's channel-major row layout."""
-    coarse = np.random.default_rng(seed).uniform(0, 255, size=(num_classes, 3, 4, 4))
-    rng = np.random.default_rng([seed, split])
-    templates = coarse.repeat(8, axis=2).repeat(8, axis=3)                 # (C, 3, 32, 32)
-    labels = rng.integers(0, num_classes, size=n)
-    shifts = rng.integers(-4, 5, size=(n, 2))
-    imgs = np.empty((n, 3, 32, 32), dtype=np.float32)
-    for i, (c, (dy, dx)) in enumerate(zip(labels, shifts)):
-        imgs[i] = np.roll(templates[c], (dy, dx), axis=(1, 2))
-    imgs += rng.normal(0, 40, size=imgs.shape)
-    return np.clip(imgs, 0, 255).astype(np.uint8).reshape(n, 3072), labels.tolist()
 
 
 def _dump(path: Path, obj: dict) -> None:
@@ -177,6 +95,7 @@ def write_fake_cifar(out_dir: str | Path, dataset: str, n_train: int, n_test: in
     root.mkdir(parents=True, exist_ok=True)
     x_train, y_train = fake_images(n_train, num_classes, seed, split=0)
     x_test, y_test = fake_images(n_test, num_classes, seed, split=1)
+    x_train, x_test = x_train.reshape(n_train, 3072), x_test.reshape(n_test, 3072)  # CIFAR's row layout
     names = [f"class_{i}" for i in range(num_classes)]
     if dataset == "cifar10":
         parts = np.array_split(np.arange(n_train), 5)

@@ -9,7 +9,7 @@ from scipy import stats
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from bench.augment import DeviceCifarLoader, stream_seed
+from bench.augment import Cutout, DeviceCifarLoader, stream_seed
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -219,3 +219,84 @@ def test_cuda_matches_cpu_given_the_same_draws():
     x_cpu = cpu._normalise(cpu.crop_flip(order.cpu(), dy.cpu(), dx.cpu(), flip.cpu()))
     torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=0, atol=1e-6)
     assert torch.equal(y_gpu.cpu(), order.cpu())
+
+
+# -- layouts, reflect padding, cutout (SVHN / Fashion-MNIST and the SAM code's augmentations) ---------------
+
+def test_nchw_and_one_channel_layouts_give_the_same_batches():
+    imgs = coord_images(50)
+    ref = [(x.clone(), y.clone()) for x, y in loader(imgs, batch_size=16, seed=2)]
+    nchw = loader(imgs.permute(0, 3, 1, 2).contiguous(), batch_size=16, seed=2, layout="NCHW")
+    for (x, y), (x2, y2) in zip(ref, nchw):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    grey = loader(imgs[..., 0].contiguous(), batch_size=16, seed=2, mean=(0.0,), std=(1.0,))  # (N, H, W)
+    for (x, y), (x1, y1) in zip(ref, grey):
+        assert x1.shape == (len(y), 1, 32, 32) and torch.equal(x[:, :1], x1) and torch.equal(y, y1)
+    with pytest.raises(ValueError, match="layout"):
+        loader(imgs, layout="HWC")
+
+
+def test_reflect_crops_are_exact_torchvision_reflect_crops():
+    """padding_mode="reflect" (the SAM code's basic) equals torchvision's pad(reflect) -> crop -> flip, bit for
+    bit: no pixel is zero padding, every border pixel is a mirrored image pixel."""
+    imgs = coord_images(200)
+    ld = loader(imgs, batch_size=100, padding_mode="reflect")
+    order, dy, dx, flip = ld.epoch_draws(0)
+    x, y = next(iter(ld))
+    assert torch.equal(y, order[:100]) and (raw(x) > 0).all()
+    for k in range(0, 100, 3):
+        pil = Image.fromarray(imgs[y[k]].numpy())
+        crop = TF.crop(TF.pad(pil, 4, padding_mode="reflect"), int(dy[k]), int(dx[k]), 32, 32)
+        if flip[k]:
+            crop = TF.hflip(crop)
+        assert torch.equal(raw(x[k]), TF.pil_to_tensor(crop).to(torch.int64))
+
+
+def test_no_crop_flip_yields_the_images_in_epoch_order():
+    imgs = coord_images(40)
+    ld = loader(imgs, batch_size=40, crop_flip=False)
+    x, y = next(iter(ld))
+    assert torch.equal(y, ld.epoch_draws(0)[0]) and torch.equal(raw(x), imgs[y].permute(0, 3, 1, 2).long())
+
+
+def cutout_boxes(x: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(row0, row1, col0, col1) of the zeros of each image, asserting they form one full-channel rectangle."""
+    boxes = []
+    for img in x:
+        zero = img == 0
+        assert torch.equal(zero.all(0), zero.any(0))  # every channel, or none
+        rows, cols = zero[0].any(1).nonzero()[:, 0], zero[0].any(0).nonzero()[:, 0]
+        r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        assert zero[0].sum() == (r1 - r0) * (c1 - c0)  # a filled rectangle
+        boxes.append((r0, r1, c0, c1))
+    return boxes
+
+
+def test_device_cutout_zeroes_exactly_the_clipped_16x16_square_after_normalisation():
+    imgs = torch.full((300, 32, 32, 3), 200, dtype=torch.uint8)  # normalised: never 0 outside the patch
+    ld = loader(imgs, batch_size=300, mean=MEAN, std=STD, cutout=16)
+    cy, cx = ld.cutout_draws(0)
+    x, y = next(iter(ld))
+    sizes = set()
+    for (r0, r1, c0, c1), a, b in zip(cutout_boxes(x), cy.tolist(), cx.tolist()):
+        assert (r0, r1, c0, c1) == (max(0, a - 8), min(32, a + 8), max(0, b - 8), min(32, b + 8))
+        sizes.add((r1 - r0, c1 - c0))
+    assert (16, 16) in sizes and any(h < 16 for h, _ in sizes)  # whole squares and squares clipped by a border
+    # the crops and flips are those of the same loader without cutout (a stream of its own)
+    plain, _ = next(iter(loader(imgs, batch_size=300, mean=MEAN, std=STD)))
+    assert torch.equal(x[x != 0], plain[x != 0])
+
+
+def test_cpu_cutout_transform_is_seeded_and_clipped():
+    """bench.augment.Cutout (torchvision path): the same square for the same torch seed, clipped at borders."""
+    boxes = []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        boxes += cutout_boxes(Cutout(16)(torch.ones(1, 28, 28))[None])
+    torch.manual_seed(7)
+    a = Cutout(16)(torch.ones(3, 32, 32))
+    torch.manual_seed(7)
+    assert torch.equal(a, Cutout(16)(torch.ones(3, 32, 32)))
+    heights = {r1 - r0 for r0, r1, _, _ in boxes}
+    assert max(heights) == 16 and min(heights) == 8 and all(0 <= r0 and r1 <= 28 for r0, r1, _, _ in boxes)
+    assert {r0 for r0, *_ in boxes} >= {0, 12}  # every centre row 0..27 is reachable
