@@ -28,7 +28,10 @@ smoke: install
 	rm -rf $(SMOKE)
 	$(BENCH) reproduce --preset demo --results-dir $(SMOKE) --device cpu
 	$(BENCH) reproduce --preset smoke --results-dir $(SMOKE) --device cpu
-	$(BENCH) report --results-dir $(SMOKE) --preset demo --preset smoke
+	@if $(PY) -c "import os, sys; from tasks.fashion_mnist import find_folder; sys.exit(find_folder(os.environ.get('SAMBENCH_DATA_DIR', 'data')) is None)"; then \
+	  OMP_NUM_THREADS=1 $(BENCH) reproduce fmnist --preset fmnist --results-dir $(SMOKE) --device cpu; \
+	else echo "fmnist demo skipped: no Fashion-MNIST data (apt-get install dataset-fashion-mnist, or the four idx files in data/FashionMNIST/raw/)"; fi
+	$(BENCH) report --results-dir $(SMOKE) --preset demo --preset smoke --preset fmnist
 
 # Every paper table with the papers' recipes (GPU-days; resumable: re-run to continue).
 reproduce: install

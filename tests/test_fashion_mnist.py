@@ -135,7 +135,7 @@ def test_runs_end_to_end(fake_fmnist, tmp_path, task, loader):
             get_task(task).make_model("resnet20")
         except TypeError:
             pytest.skip("this checkout's model builders lack in_chans (tasks/models)")
-        args += ["--model", "resnet20", "--augment", "cutout"]
+        args += ["--model", "resnet20", "--augment", "cutout", "--lr", "0.1"]  # not the lr scaled to batch 32
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     row = pd.read_csv(tmp_path / f"{task}.csv").iloc[0]
@@ -148,3 +148,16 @@ def test_mlp_sees_one_channel_28x28():
     model = get_task("fmnist-demo").make_model("mlp")
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert sum(p.numel() for p in model.parameters()) == 784 * 512 + 512 + 512 * 512 + 512 + 5130
+
+
+def test_fmnist_table_plans_the_chosen_demo(monkeypatch, tmp_path):
+    import bench.sweep.plan as P
+    from bench.registry import tables_file
+    monkeypatch.setattr(P, "PRESETS", tuple(dict.fromkeys((*P.PRESETS, "fmnist"))))  # if plan.py lacks it
+    tables = P.load_tables(tables_file())
+    assert tables["fmnist"]["paper"] == "demo"  # no paper figure beside it
+    assert set(tables["fmnist"]["metrics"].values()) == {"max_test_acc", "final_test_acc"}
+    runs = P.plan(tables, ["fmnist"], "fmnist", results_dir=str(tmp_path))[0].runs
+    assert len(runs) == 18 and {c.seed for c in runs} == {0, 1, 2} and {c.noise for c in runs} == {0.0, 0.4}
+    assert {(c.minimizer, c.rho) for c in runs} == {("sgd", 0.0), ("sam", 0.01), ("asam", 0.5)}
+    assert all((c.task, c.model, c.epochs, c.lr, c.augment) == ("fmnist-demo", "mlp", 8, 0.1, "none") for c in runs)

@@ -22,7 +22,11 @@ from bench.results import result_rows
 from bench.runner import completed_run_ids, make_config
 from bench.tables import Cell, Layout, expand_names, layout, load_tables, tasks  # noqa: F401  (load_tables: re-export)
 
-PRESETS = ("full", "smoke", "demo")
+PRESETS = ("full", "smoke", "demo")  # every table has some of these; a table may define presets of its own
+
+
+def known_presets(tables: dict[str, dict]) -> list[str]:
+    return list(dict.fromkeys([*PRESETS, *(p for t in tables.values() for p in t.get("presets", {}))]))
 
 
 @dataclass
@@ -47,8 +51,8 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
          force: bool = False, download: bool = False, world_size: int = 1) -> list[TablePlan]:
     """The runs of the named tables (a paper's name stands for its tables; none: every table with the
     preset) under `preset`."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if preset not in known_presets(tables):
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(known_presets(tables))}")
     if seeds is not None and seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     names = expand_names(tables, names)
