@@ -148,7 +148,7 @@ def test_table_mistakes_are_one_line_errors(tmp_path):
 def test_table_names_and_papers():
     assert [p.name for p in plan(TABLES, ["asam"], "smoke")] == ["asam2", "asam3", "asam4", "asam5", "asam6"]
     assert [p.name for p in plan(TABLES, ["sam2", "sam"], "smoke")] == ["sam2", "sam1", "sam4", "sam5"]
-    with pytest.raises(UserError, match="unknown table.s. sam3; choose from: asam2, .*, demo or a paper: asam, sam"):
+    with pytest.raises(UserError, match="unknown table.s. sam3; choose from: asam2, .*, demo, fmnist or a paper: asam, sam"):
         plan(TABLES, ["sam3"], "full")
 
 
