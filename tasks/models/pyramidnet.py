@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.models.cifar_resnet import init_official
 from tasks.models import register_model
 
 
@@ -128,14 +129,8 @@ class PyramidNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn_final = nn.BatchNorm2d(in_planes)
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_official(self)  # kaiming fan_out convs, BN 1 / 0 (draws nothing else, so the order is kept)
+        nn.init.zeros_(self.fc.bias)
 
     @property
     def drop_probs(self) -> list[float]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.models.cifar_resnet import init_official
 from tasks.models import register_model
 
 
@@ -113,12 +114,7 @@ class ShakeShakeNet(nn.Module):
         self._init()
 
     def _init(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_official(self)
         bound = 1 / math.sqrt(self.fc.out_features)     # the SAM / AutoAugment code's dense init
         nn.init.uniform_(self.fc.weight, -bound, bound)
         nn.init.zeros_(self.fc.bias)
