@@ -191,6 +191,7 @@ class TrainState:
     epoch: int = 0                    # epochs done
     resumed_from: int = 0             # epochs done when this call resumed (0: started afresh)
     resumptions: int = 0              # times this run was resumed from its checkpoint, this call included
+    shakes: list[nn.Module] | None = None  # modules with a true_gradient switch (found on the first step)
 
 
 def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
@@ -292,7 +293,9 @@ def train_step(st: TrainState, x, y, autocast, first_pass_context):
     second gradients (SAM paper, section 4.1)."""
     cfg, job = st.cfg, st.job
     two_pass = getattr(st.minimizer, "passes", 1) == 2
-    shakes = [m for m in st.model.modules() if hasattr(m, "true_gradient")] if cfg.true_gradient else []
+    if st.shakes is None:  # once per run, not per step: a walk over every module of the model
+        st.shakes = [m for m in st.model.modules() if hasattr(m, "true_gradient")] if cfg.true_gradient else []
+    shakes = st.shakes
     calls = [0]
 
     def make_closure(xc, yc, weight: float):

@@ -29,7 +29,7 @@ def data(n=8):
 
 def engine_step(cfg, model, x, y):
     base = make_base_optimizer(cfg, model)
-    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy), model=model, net=model,
+    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy), model=model, net=model, shakes=None,
                          minimizer=SAM(base, model, rho=cfg.rho))
     loss, out = train_step(st, x, y, torch.autocast("cpu", enabled=False), lambda: __import__("contextlib").nullcontext())
     return loss, out
@@ -128,7 +128,7 @@ def test_true_gradient_in_the_first_sam_pass_only(minimizer, flag, seen):
     cfg = RunConfig(task="t", model="m", minimizer=minimizer, rho=RHO, true_gradient=flag, batch_size=8)
     base = make_base_optimizer(cfg, model)
     from bench.minimizers import create_minimizer
-    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy), model=model, net=model,
+    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy), model=model, net=model, shakes=None,
                          minimizer=create_minimizer(minimizer, base, model, rho=RHO))
     import contextlib
     train_step(st, x, y, contextlib.nullcontext(), contextlib.nullcontext)
