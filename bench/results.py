@@ -25,27 +25,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: appends are then only atomic per write()
-    fcntl = None
-
 import torch
+from filelock import FileLock
 
 import bench
 
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `<path>.lock` (the same filelock the run claims use; it dies with its process)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "a") as lock:
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(str(path) + ".lock"):
+        yield
 
 
 def _csv_text(header: list[str], rows: Iterable[dict[str, Any]], with_header: bool) -> str:
