@@ -46,17 +46,21 @@ def run_dir(cfg: RunConfig) -> Path:
     return run_folder(cfg.results_dir, cfg.run_id)
 
 
-def check_results_csv(path: Path) -> None:
-    """Refuse to train into a results file we could not rebuild (before spending hours on the run)."""
+def results_csv_problem(path: Path) -> str:
+    """Why `path` is not a results CSV we can rebuild ('' when it is one, is empty or is absent)."""
     if not path.exists() or path.stat().st_size == 0:
-        return
+        return ""
     try:
         header = read_header(path)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        header, reason = [], type(e).__name__
-    else:
-        reason = "no run_id column"
-    if "run_id" not in header:
+        return type(e).__name__
+    return "" if "run_id" in header else "no run_id column"
+
+
+def check_results_csv(path: Path) -> None:
+    """Refuse to train into a results file we could not rebuild (before spending hours on the run)."""
+    reason = results_csv_problem(path)
+    if reason:
         raise UserError(f"{path} is not a sambench results CSV ({reason}); move it away or pass another "
                         "--results-dir")
 

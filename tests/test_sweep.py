@@ -291,3 +291,9 @@ def test_failure_record_keeps_first_line_log_and_oom_hint(tmp_path):
                            "batch_size (now 128 per replica, e.g. --batch-size 64), or use --precision bf16, or "
                            f"spread the run over more GPUs (traceback: {log})")
     assert rows(tmp_path, "cifar10").note[0] == row["note"]
+
+
+def test_status_on_a_folder_with_a_binary_csv_is_one_line(tmp_path):
+    (tmp_path / "junk.csv").write_bytes(b"\xff\xfe\x00binary")
+    r = CliRunner().invoke(app, ["reproduce", "asam6", "--preset", "smoke", "--status", "--results-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "is not a sambench results folder (junk.csv: UnicodeDecodeError)" in r.output

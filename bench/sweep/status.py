@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.results import FINISHED, read_header, read_record
-from bench.runner import completed_run_ids
+from bench.results import FINISHED, read_record
+from bench.runner import completed_run_ids, results_csv_problem
 from bench.sweep.claims import Claims
 from bench.sweep.plan import TablePlan
 
@@ -24,10 +24,11 @@ def check_results_folder(results_dir: str | Path, must_exist: bool) -> None:
     if (folder / "runs").exists() and not (folder / "runs").is_dir():
         raise UserError(f"{folder} is not a sambench results folder (its runs is not a folder); pass another "
                         "--results-dir")
-    for path in sorted(folder.glob("*.csv")):
-        if path.stat().st_size and "run_id" not in read_header(path) and path.name != "perf.csv":
-            raise UserError(f"{folder} is not a sambench results folder ({path.name} has no run_id column); "
-                            "pass another --results-dir")
+    for path in sorted(p for p in folder.glob("*.csv") if p.name != "perf.csv"):  # perf.csv holds timings
+        reason = results_csv_problem(path)
+        if reason:
+            raise UserError(f"{folder} is not a sambench results folder ({path.name}: {reason}); pass another "
+                            "--results-dir")
 
 
 def status_lines(plans: list[TablePlan], results_dir: str | Path, stale_after: float) -> list[str]:
