@@ -142,10 +142,15 @@ class SAM(Minimizer):
         w is restored by copying it back, not by subtracting e (the official code's w + e - e): the
         same value up to one rounding, but exact, so data-parallel replicas whose perturbations differ
         (m-sharpness) stay bit-identical."""
+        self._restore()
+        self._base_step()
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """w + e -> w, by copying the saved w back."""
         if self._perturbed:
             torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
         self._perturbed = []
-        self._base_step()
 
     @contextlib.contextmanager
     def second_pass(self) -> Iterator[None]:
@@ -169,17 +174,7 @@ class SAM(Minimizer):
         the second pass, as the official code does; with second_pass_rng='reuse' torch's RNG is rewound
         so the second pass draws exactly the masks of the first. `first_pass_context` wraps the first
         forward + backward: DistributedDataParallel's `no_sync` there keeps the ascent gradient local."""
-        rng = _rng_state() if self.second_pass_rng == "reuse" else None
-        with first_pass_context():
-            out = closure()
-        self.ascent_step()
-        if rng is not None:
-            _set_rng_state(rng)
-        with torch.enable_grad(), self.second_pass():
-            closure()
-        self.descent_step()
-        return out
-
+        return self.step_chunks([closure], first_pass_context)[0]
 
     def step_chunks(self, closures: list[Callable], first_pass_context: Callable = contextlib.nullcontext,
                     accumulate_context: Callable = contextlib.nullcontext) -> list:
@@ -201,17 +196,16 @@ class SAM(Minimizer):
                     p.grad = a
             with torch.enable_grad(), self.second_pass(), (contextlib.nullcontext() if last else accumulate_context()):
                 closure()
-            with torch.no_grad():
-                if self._perturbed:
-                    torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
-                self._perturbed = []
-                if not last:  # set the chunk's second gradient aside: the next first pass needs clean grads
-                    acc = acc if acc is not None else {}
-                    for p in self.model.parameters():
-                        if p.grad is not None:
-                            acc[p] = acc[p].add_(p.grad) if p in acc else p.grad
-                            p.grad = None
-        self._base_step()
+            if last:
+                self.descent_step()
+                break
+            self._restore()
+            with torch.no_grad():  # set the chunk's second gradient aside: the next first pass needs clean grads
+                acc = acc if acc is not None else {}
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        acc[p] = acc[p].add_(p.grad) if p in acc else p.grad
+                        p.grad = None
         return outs
 
 
