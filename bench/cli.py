@@ -87,10 +87,20 @@ def run_cmd(
     ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="Task name (see `bench list`).")],
     model: Annotated[Optional[str], typer.Option(help="Model name; default: the task's.")] = None,
-    minimizer: Annotated[Optional[str], typer.Option(help="sam, asam, or the task's base optimizer "
-                                                          "(sgd); default: the base optimizer.")] = None,
-    rho: Annotated[Optional[float], typer.Option(help="Radius; default: the paper's for this task.")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="ASAM's eta (T = |w| + eta).")] = None,
+    minimizer: Annotated[Optional[str], typer.Option(help="sam, asam, gsam, ... (`bench list`), or the task's "
+                                                          "base optimizer (sgd); default: the base optimizer.")] = None,
+    mopt: Annotated[Optional[list[str]], typer.Option(
+        "--mopt", help="A minimizer option KEY=VALUE (repeatable), e.g. --mopt alpha=0.02; `bench list` shows "
+                       "every minimizer's options, defaults and ranges.")] = None,
+    rho: Annotated[Optional[float], typer.Option(help="Radius (--mopt rho=...); default: the paper's for this "
+                                                      "task.")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="ASAM's eta (T = |w| + eta; --mopt eta=...).")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(
+        help="Micro-batches per optimizer step (gradient accumulation; one perturbation from the whole batch, "
+             "or per micro-batch with --m <micro-batch size>).")] = None,
+    target_acc: Annotated[Optional[float], typer.Option(
+        help="Time-to-accuracy target (%); default: the final accuracy of SGD's run of the same cell and "
+             "seed.")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     lr: Annotated[Optional[float], typer.Option()] = None,
@@ -122,7 +132,9 @@ def run_cmd(
         help="fresh: dropout/ShakeDrop draw new masks in the second SAM pass (official); reuse: the same.")] = None,
     noise: Annotated[Optional[float], typer.Option(help="Label-noise tasks: symmetric noise rate.")] = None,
     noise_seed: Annotated[Optional[int], typer.Option(help="Label-noise tasks: seed of the corruption.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32 (faithful default) or bf16 (autocast).")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="fp32 (faithful default), bf16 (autocast) or fp16 (autocast + loss scaling; overflowing steps are "
+             "skipped and counted).")] = None,
     loader: Annotated[Optional[str], typer.Option(
         help="CIFAR data path: auto (device on CUDA, else torchvision), torchvision, device.")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last")] = None,
@@ -151,6 +163,8 @@ def run_cmd(
 
     with user_errors():
         settings = _run_settings(ctx, config)
+        if mopt:
+            settings["mopts"] = {**(settings.get("mopts") or {}), **parse_mopts(mopt)}
         if settings["minimizer"] is None:
             settings["minimizer"] = get_task(task).base_optimizer
         if settings["workers"] is None:
@@ -187,6 +201,23 @@ def run_cmd(
             D.shutdown()
         if not quiet:
             print_rows([row])
+
+
+def parse_mopts(items: list[str]) -> dict[str, Any]:
+    """["alpha=0.02", "k=5", "adaptive=true"] -> {"alpha": 0.02, "k": 5, "adaptive": True}: values read as
+    TOML scalars (numbers, true/false), anything else as text."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"--mopt takes KEY=VALUE, e.g. --mopt alpha=0.02; got {item!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 @contextlib.contextmanager
@@ -327,11 +358,10 @@ def perf_cmd(
         if not t.has_model(model):
             raise UserError(f"unknown model {model!r} for task {task}; choose one of: {', '.join(t.models())}")
         dev = resolve_device(device)
-        rec = t.recipe(model)
-        rho = rec.get("rho_by_minimizer", {})
+        opts = t.recipe(model).get("minimizers", {})
         rows = measure(model, t.num_classes, batch_size, steps, dev, precision=precision, warmup=warmup,
-                       peer=peer, sam_rho=rho.get("sam", 0.05), asam_rho=rho.get("asam", 0.5),
-                       asam_eta=rec.get("eta_by_minimizer", {}).get("asam", 0.01),
+                       peer=peer, sam_rho=opts.get("sam", {}).get("rho", 0.05),
+                       asam_rho=opts.get("asam", {}).get("rho", 0.5), asam_eta=opts.get("asam", {}).get("eta", 0.01),
                        builder=lambda: t.make_model(model))
         path = append_perf_rows(rows, results_dir)
         console.print(format_table(rows), highlight=False, markup=False)
@@ -409,26 +439,12 @@ def _num(v: str) -> Any:
 
 @app.command("list")
 def list_cmd():
-    """Tasks, their models and minimizers, and the recipe defaults."""
-    from bench.minimizers import MINIMIZERS
-    from bench.registry import get_task, task_names
+    """Tasks (their models, recipes and minimizer options) and every minimizer with its options."""
+    from bench.listing import list_lines
 
     with user_errors():
-        for name in task_names():
-            task = get_task(name)
-            recipe = task.recipe()
-            console.print(f"[bold]{name}[/]: {task.description}", highlight=False)
-            console.print(f"  models:     {', '.join(task.models())} (default {recipe.get('model')})",
-                          highlight=False)
-            rhos = ", ".join(f"{m} rho={r}" for m, r in recipe.get("rho_by_minimizer", {}).items())
-            etas = ", ".join(f"{m} eta={e}" for m, e in recipe.get("eta_by_minimizer", {}).items())
-            console.print(f"  minimizers: {', '.join(task.minimizers())} ({rhos}; {etas})", highlight=False)
-            keys = ("optimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-                    "schedule", *task.settings)
-            console.print("  recipe:     " + ", ".join(f"{k}={recipe[k]}" for k in keys if k in recipe),
-                          highlight=False)
-        console.print(f"[bold]minimizers[/]: {', '.join(MINIMIZERS)} (+ each task's base optimizer alone)",
-                      highlight=False)
+        for line in list_lines():
+            console.print(line, highlight=False)
 
 
 @data_app.command("fake")

@@ -9,24 +9,26 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from bench.errors import UserError
 
 # Settings that say where or how fast a run happens, not what it computes: left out of the run id.
 NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir", "loader", "channels_last", "compile",
-                "lr_recipe")
+                "lr_recipe", "target_acc")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     task: str
     model: str
-    minimizer: str                  # a registered minimizer ("sam", "asam") or the task's base optimizer
+    minimizer: str                  # a registered minimizer ("sam", "asam", "gsam", ...) or the task's base optimizer
     optimizer: str = "sgd"          # base optimizer: sgd | adam (coupled L2) | adamw (decoupled decay, fairseq's)
-    rho: float = 0.0
-    eta: float = 0.0
+    rho: float = 0.0                # the minimizer's rho / eta options (0 for the base optimizer alone): fields of
+    eta: float = 0.0                # their own since the first run ids; every other option is in mopts
+    mopts: dict = field(default_factory=dict)  # the minimizer's other options, every one resolved (--mopt K=V)
+    accumulate: int = 1             # micro-batches per optimizer step (gradient accumulation)
     epochs: int = 200
     batch_size: int = 128           # global: each of world_size replicas takes batch_size / world_size
     lr: float = 0.1
@@ -48,7 +50,8 @@ class RunConfig:
                                     # the backward too (SAM code); the second pass draws independently
     augment: str = "basic"          # image tasks: basic | cutout | autoaugment | autoaugment-cutout | none
     world_size: int = 1             # data-parallel replicas (set from torchrun, not by hand)
-    precision: str = "fp32"         # fp32 (faithful) | bf16 (autocast; SAM/ASAM norms and e stay fp32)
+    precision: str = "fp32"         # fp32 (faithful) | bf16 | fp16 (autocast; norms and e stay fp32; fp16: loss
+                                    # scaling, overflowing steps skipped and counted)
     loader: str = "auto"            # auto | torchvision | device (GPU-resident data + GPU augmentation)
     channels_last: bool = False     # conv nets: NHWC memory format
     compile: bool = False           # torch.compile the model
@@ -64,6 +67,10 @@ class RunConfig:
     download: bool = False
     results_dir: str = "results"
     lr_recipe: float = 0.0          # the recipe's lr at its own batch size (lr is scaled linearly from it)
+    target_acc: float = 0.0         # time-to-accuracy target (%); 0: the final accuracy of SGD's run of the cell
+
+    def __hash__(self) -> int:      # mopts is a dict: hash what identifies the run
+        return hash(self.run_id)
 
     @property
     def per_replica_batch(self) -> int:
@@ -87,25 +94,31 @@ class RunConfig:
         return f"{self.task}-{self.model}-{self.minimizer}-s{self.seed}-{digest}"
 
     def to_row(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as row columns: mopts as one JSON cell (what report matching reads) and flattened
+        into m_<option> columns (what people read)."""
+        row = dataclasses.asdict(self)
+        row["mopts"] = json.dumps(self.mopts, sort_keys=True)
+        row.update({f"m_{k}": v for k, v in sorted(self.mopts.items())})
+        return row
 
 
 LATER_DEFAULTS = {"weight_decay_style": "optimizer", "m": 0, "true_gradient": False, "augment": "basic",
-                  "model_rev": ""}
+                  "model_rev": "", "mopts": {}, "accumulate": 1}
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
-DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
+DEFAULTS = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(RunConfig)}
 # Settings only some tasks use; a task lists the ones it reads in `Task.settings`.
 TASK_SETTINGS = ("noise", "noise_seed", "augment")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "cosine-step", "constant", "inverse_sqrt")
 AUGMENTS = ("basic", "cutout", "autoaugment", "autoaugment-cutout", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def build_config(task: str, recipe: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
-    """Recipe defaults, then the per-minimizer rho/eta of the recipe, then the user's non-None overrides."""
+    """Recipe defaults, then the minimizer's options (its defaults < the recipe's `minimizers.<name>` <
+    the user's), then the user's other non-None overrides."""
     values = {k: v for k, v in recipe.items() if k in FIELD_NAMES}
-    unknown = set(recipe) - set(FIELD_NAMES) - {"rho_by_minimizer", "eta_by_minimizer", "models",
-                                                 "description"}
+    unknown = set(recipe) - set(FIELD_NAMES) - {"minimizers", "models", "description"}
     if unknown:
         raise UserError(f"recipe of task {task!r} has unknown keys {sorted(unknown)}")
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -117,13 +130,46 @@ def build_config(task: str, recipe: dict[str, Any], overrides: dict[str, Any]) -
     minimizer = values.get("minimizer")
     if minimizer is None:
         raise UserError("no minimizer given: pass --minimizer")
-    values["rho"] = recipe.get("rho_by_minimizer", {}).get(minimizer, 0.0)
-    values["eta"] = recipe.get("eta_by_minimizer", {}).get(minimizer, 0.0)
-    values.update(given)
+    values.update({k: v for k, v in given.items() if k not in ("rho", "eta", "mopts")})
+    values.update(minimizer_settings(minimizer, recipe.get("minimizers", {}), given))
     values.update(_scaled_lr(recipe, given, values))
     cfg = RunConfig(**values)
     validate(cfg)
     return cfg
+
+
+def minimizer_settings(name: str, by_minimizer: dict[str, dict], given: dict[str, Any]) -> dict[str, Any]:
+    """rho, eta and mopts of a run: every option of the minimizer resolved (its Hparams defaults, the recipe's
+    `[minimizers.<name>]`, then --rho / --eta / --mopt), checked against its ranges. The base optimizer alone
+    has no options (rho = eta = 0 unless given, as always)."""
+    from bench.minimizers import MINIMIZERS, make_hparams
+    mopts = dict(given.get("mopts") or {})
+    for key in ("rho", "eta"):
+        if key in given and key in mopts and float(given[key]) != float(mopts[key]):
+            raise UserError(f"{key} given twice (--{key} {given[key]} and --mopt {key}={mopts[key]}); give it once")
+        if key in given and (key in mopts or name in MINIMIZERS and key in _option_names(name)):
+            mopts[key] = given[key]
+    if name not in MINIMIZERS:
+        if mopts:
+            raise UserError(f"{name} alone takes no minimizer options (got {', '.join(sorted(mopts))}); "
+                            "--mopt is for a minimizer such as sam or gsam")
+        return {"rho": given.get("rho", 0.0), "eta": given.get("eta", 0.0), "mopts": {}}
+    cls = MINIMIZERS[name]
+    opts = {f.name: f.default for f in dataclasses.fields(cls.Hparams)}
+    recipe_opts = by_minimizer.get(name, {})
+    wrong = sorted(set(recipe_opts) - set(opts))
+    if wrong:
+        raise UserError(f"recipe option(s) {', '.join(wrong)} of minimizer {name} unknown; its options: "
+                        f"{', '.join(opts)}")
+    hp = make_hparams(name, cls.Hparams, {**opts, **recipe_opts, **mopts})
+    resolved = dataclasses.asdict(hp)
+    return {"rho": given.get("rho", resolved.pop("rho", 0.0)), "eta": given.get("eta", resolved.pop("eta", 0.0)),
+            "mopts": {k: v for k, v in resolved.items() if k not in ("rho", "eta")}}
+
+
+def _option_names(name: str) -> set[str]:
+    from bench.minimizers import MINIMIZERS
+    return {f.name for f in dataclasses.fields(MINIMIZERS[name].Hparams)}
 
 
 def _scaled_lr(recipe: dict[str, Any], given: dict[str, Any], values: dict[str, Any]) -> dict[str, float]:
@@ -166,7 +212,17 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.second_pass_rng in ("fresh", "reuse"),
          f"--second-pass-rng must be 'fresh' or 'reuse', got {cfg.second_pass_rng!r}")
     need(finite(cfg.noise) and 0 <= cfg.noise <= 1, f"--noise must be in [0, 1], got {cfg.noise}")
-    need(cfg.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    need(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    need(isinstance(cfg.accumulate, int) and cfg.accumulate >= 1 and cfg.per_replica_batch % cfg.accumulate == 0,
+         f"--accumulate {cfg.accumulate} must be >= 1 and divide the per-replica batch {cfg.per_replica_batch}; "
+         f"pass a divisor of it")
+    need(not (cfg.m and cfg.accumulate > 1 and cfg.m > cfg.per_replica_batch // cfg.accumulate),
+         f"--m {cfg.m} is larger than a micro-batch ({cfg.per_replica_batch // cfg.accumulate} examples with "
+         f"--accumulate {cfg.accumulate}); pass --m {cfg.per_replica_batch // cfg.accumulate} for one perturbation "
+         "per micro-batch, or --m 0 for one from the whole batch")
+    need(finite(cfg.target_acc) and 0 <= cfg.target_acc <= 100,
+         f"--target-acc must be a percentage in [0, 100] (0: SGD's final accuracy), got {cfg.target_acc}")
+    _check_minimizer(cfg)
     need(cfg.loader in ("auto", "torchvision", "device"),
          f"--loader must be auto, torchvision or device, got {cfg.loader!r}")
     need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
@@ -183,6 +239,15 @@ def validate(cfg: RunConfig) -> None:
          "m = the per-replica batch)")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+
+
+def _check_minimizer(cfg: RunConfig) -> None:
+    """What the minimizer cannot do with these settings (m-sharpness needs its step_chunks)."""
+    from bench.minimizers import MINIMIZERS
+    cls = MINIMIZERS.get(cfg.minimizer)
+    if cls is not None and cfg.m and not cls.supports_chunks:
+        able = ", ".join(n for n, c in MINIMIZERS.items() if c.supports_chunks)
+        raise UserError(f"--m (m-sharpness) is not defined for {cfg.minimizer}; it is for: {able}. Pass --m 0")
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -1,17 +1,20 @@
 """The training loop. It knows no task: it gets a RunConfig and a Job (model, loaders, loss, evaluate).
 
-One step = `minimizer.step(closure)`, where the closure runs forward + backward on the batch and returns
-the first pass's loss and outputs (training metrics come from the unperturbed pass, as in the official
-code). SGD runs call the closure once, SAM/ASAM twice on the same batch.
+One step = `minimizer.step(batch)`, where `batch` (bench.batch.Batch) runs the passes the minimizer asks
+for on the step's examples and returns the loss and outputs (training metrics come from the unperturbed
+pass, as in the official code). SGD runs one pass, SAM/ASAM two, the variants what they need; the batch
+counts every forward and backward (the row's passes per step) and does accumulation and fp16 scaling.
 
 Under torchrun the model is wrapped in DistributedDataParallel. SAM's first pass (forward and backward)
 runs inside `no_sync()`, so each replica perturbs its weights with its own local gradient (the SAM
 paper's m-sharpness, m = per-replica batch); only the second gradient is averaged. With
-`sync_perturbation` the first gradient is all-reduced too (m = global batch).
+`sync_perturbation`, or for a minimizer whose update uses the first gradient (`ascent_sync`: GSAM,
+LookSAM), the first gradient is all-reduced too (m = global batch).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -26,10 +29,11 @@ from torch import nn
 
 from bench import checkpoint as ckpt
 from bench import distributed as D
+from bench.batch import Batch, Cost
 from bench.config import RunConfig
 from bench.data import set_epoch
 from bench.errors import UserError
-from bench.minimizers import Minimizer, create_minimizer
+from bench.minimizers import LossScaler, Minimizer, create_minimizer
 from bench.task import Job
 
 
@@ -192,6 +196,7 @@ class TrainState:
     resumed_from: int = 0             # epochs done when this call resumed (0: started afresh)
     resumptions: int = 0              # times this run was resumed from its checkpoint, this call included
     shakes: list[nn.Module] | None = None  # modules with a true_gradient switch (found on the first step)
+    cost: Cost = field(default_factory=Cost)  # examples run forward / backward and steps taken, whole run
 
 
 def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
@@ -204,11 +209,29 @@ def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
     if D.is_distributed():
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     base = make_base_optimizer(cfg, model)
-    minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta,
+    if cfg.precision == "fp16":
+        check_fp16(device)
+    minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta, **cfg.mopts,
                                  bn_second_pass=cfg.bn_second_pass, second_pass_rng=cfg.second_pass_rng,
-                                 clip_norm=cfg.clip_norm)
+                                 clip_norm=cfg.clip_norm, scaler=LossScaler() if cfg.precision == "fp16" else None)
     scheduler, sched_unit = make_scheduler(cfg, base, _len(job.train_loader))
     return TrainState(cfg, job, device, model, net, base, minimizer, scheduler, sched_unit)
+
+
+def check_fp16(device: torch.device) -> None:
+    """fp16 autocast must run on the device: one line if it does not."""
+    try:
+        with torch.autocast(device.type, dtype=torch.float16):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--precision fp16: this device ({device}) has no fp16 autocast "
+                        f"({' '.join(str(e).split())[:120]}); use --precision bf16 or fp32") from None
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The forward's autocast context factory: bf16 / fp16 forward and loss, fp32 weights and gradients."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
 
 
 def resume(st: TrainState, path: Path) -> None:
@@ -224,6 +247,7 @@ def resume(st: TrainState, path: Path) -> None:
         st.job.load_state_dict(state["task"])
     st.epoch = st.resumed_from = state["epoch"]
     st.resumptions = state["resumptions"] + 1
+    st.cost = Cost(**state.get("cost", {}))
 
 
 def save(st: TrainState, path: Path) -> None:
@@ -236,17 +260,15 @@ def save(st: TrainState, path: Path) -> None:
             "model": st.model.state_dict(), "minimizer": st.minimizer.state_dict(),
             "scheduler": st.scheduler.state_dict(), "rng": rngs, "history": st.history,
             "train_time": st.train_time, "status": st.status, "note": st.note, "resumptions": st.resumptions,
-            "task": st.job.state_dict() if st.job.state_dict is not None else None})
+            "cost": dataclasses.asdict(st.cost), "task": st.job.state_dict() if st.job.state_dict is not None else None})
     D.barrier()
 
 
 def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str, Any], dict[str, float]]:
     """Train one epoch; return its training metrics (loss, accuracy if it classifies) and its timings."""
     cfg, job, device = st.cfg, st.job, st.device
-    first_pass_context = ascent_context(st.net, cfg.sync_perturbation)
     count = job.count or (lambda y: y.shape[0])
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = autocast_for(cfg.precision, device)
     st.net.train()
     set_epoch(job.train_loader, epoch - 1)
     reporter.start_epoch(epoch, cfg.epochs, _len(job.train_loader))
@@ -259,7 +281,7 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
         x, y = to_device(x, device), to_device(y, device)
         data_time += time.perf_counter() - t_data
 
-        loss, out = train_step(st, x, y, autocast, first_pass_context)
+        loss, out = train_step(st, x, y, autocast)
         if st.sched_unit == "step":
             st.scheduler.step()
         n = count(y)
@@ -280,6 +302,7 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / seen}
     if classifies:
         metrics["train_acc"] = 100.0 * sums[1].item() / seen
+    metrics.update(compute_spent(st))
     # data_time: time this process waited for batches; loader_items_per_s: what the loader delivered while it
     # was being waited on. A data_time close to epoch_time means the GPU starves.
     timing = {"epoch_time_s": epoch_time, "data_time_s": data_time,
@@ -287,39 +310,37 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     return metrics, timing
 
 
-def train_step(st: TrainState, x, y, autocast, first_pass_context):
+def train_step(st: TrainState, x, y, autocast):
     """One optimizer step on a batch; (first-pass loss, outputs). With m-sharpness (cfg.m smaller than the
-    batch) a two-pass minimizer perturbs every chunk of m examples on its own and averages the chunks'
-    second gradients (SAM paper, section 4.1)."""
-    cfg, job = st.cfg, st.job
-    two_pass = getattr(st.minimizer, "passes", 1) == 2
+    batch) a minimizer that supports it perturbs every chunk of m examples on its own and averages the
+    chunks' second gradients (SAM paper, section 4.1)."""
+    cfg, job, mz = st.cfg, st.job, st.minimizer
     if st.shakes is None:  # once per run, not per step: a walk over every module of the model
         st.shakes = [m for m in st.model.modules() if hasattr(m, "true_gradient")] if cfg.true_gradient else []
-    shakes = st.shakes
-    calls = [0]
+    ddp = isinstance(st.net, nn.parallel.DistributedDataParallel)
+    batch = Batch(st.net, st.model, x, y, job.loss_fn, cost=st.cost, per_sample_fn=job.loss_per_sample,
+                  autocast=autocast, scaler=mz.scaler, micro=cfg.accumulate, no_sync=st.net.no_sync if ddp else None,
+                  local_ascent=not (cfg.sync_perturbation or mz.ascent_sync), shakes=tuple(st.shakes),
+                  extra_loss=(lambda: l2_term(st.model, cfg.weight_decay)) if cfg.weight_decay_style == "loss" else None)
+    st.cost.steps += 1
+    if not (mz.supports_chunks and cfg.m and cfg.m < batch.n):
+        out = mz.step(batch)
+        return out.loss, out.out
+    chunks = batch.chunks(cfg.m)
+    outs = mz.step_chunks(chunks)
+    loss = sum(o.loss * (c.n / batch.n) for o, c in zip(outs, chunks))
+    return loss, torch.cat([o.out for o in outs])
 
-    def make_closure(xc, yc, weight: float):
-        def closure():
-            first = calls[0] % 2 == 0 or not two_pass
-            calls[0] += 1
-            for module in shakes:  # SAM code: true_gradient in the first pass only
-                module.true_gradient = first and two_pass
-            with autocast:  # bf16: forward and loss only; gradients land in the fp32 parameters
-                out = forward(st.net, xc)
-                loss = job.loss_fn(out, yc)
-                total = loss if cfg.weight_decay_style == "optimizer" else loss + l2_term(st.model, cfg.weight_decay)
-            (total * weight if weight != 1.0 else total).backward()
-            return loss.detach(), out.detach()
-        return closure
 
-    n = y.shape[0] if isinstance(y, torch.Tensor) else None
-    if not two_pass or not cfg.m or n is None or cfg.m >= n:
-        return st.minimizer.step(make_closure(x, y, 1.0), first_pass_context)
-    chunks = list(zip(torch.split(x, cfg.m), torch.split(y, cfg.m)))
-    closures = [make_closure(xc, yc, yc.shape[0] / n) for xc, yc in chunks]
-    outs = st.minimizer.step_chunks(closures, first_pass_context, ascent_context(st.net, False))
-    loss = sum(l * (yc.shape[0] / n) for (l, _), (_, yc) in zip(outs, chunks))
-    return loss, torch.cat([o for _, o in outs])
+def compute_spent(st: TrainState) -> dict[str, Any]:
+    """The compute a run has spent so far, for epoch logs and rows: `passes`, SGD steps of equal compute
+    (bench.batch.Cost.passes), the examples run forward and backward, steps, fp16's skipped steps."""
+    c, batch = st.cost, st.cfg.per_replica_batch
+    out = {"passes": c.passes(batch), "fwd_examples": c.fwd, "bwd_examples": c.bwd, "steps": c.steps,
+           "wall_s": st.train_time}
+    if st.minimizer.scaler is not None:
+        out["skipped_steps"] = st.minimizer.scaler.skipped
+    return out
 
 
 def l2_term(model: nn.Module, weight_decay: float) -> torch.Tensor:
@@ -358,7 +379,8 @@ def summarize(st: TrainState) -> dict[str, Any]:
                                "epochs_done": len(history),
                                "train_time_s": st.train_time,
                                "images_per_s": job.num_train * len(history) / st.train_time if st.train_time else 0.0,
-                               "final_train_loss": history[-1]["train_loss"] if history else float("nan")}
+                               "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
+                               **per_step(st)}
     for key in job.track:
         values = [h[key] for h in history if key in h]
         summary[f"max_{key}"] = max(values) if values else float("nan")
@@ -366,6 +388,16 @@ def summarize(st: TrainState) -> dict[str, Any]:
     if job.finalize is not None and st.status == "ok":
         summary.update(job.finalize(st.model))
     return summary
+
+
+def per_step(st: TrainState) -> dict[str, Any]:
+    """The row's cost figures: passes (and forward / backward examples) per step in batches, in all."""
+    c, batch, steps = st.cost, st.cfg.per_replica_batch, max(st.cost.steps, 1)
+    out = {"passes_per_step": c.passes(batch) / steps, "fwd_per_step": c.fwd / batch / steps,
+           "bwd_per_step": c.bwd / batch / steps, "passes_total": c.passes(batch), "steps": c.steps}
+    if st.minimizer.scaler is not None:
+        out["skipped_steps"] = st.minimizer.scaler.skipped
+    return out
 
 
 def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | None = None,

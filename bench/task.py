@@ -33,6 +33,9 @@ class Job:
     # back on resume. Tensors and plain Python values only (checkpoints are loaded with weights_only=True).
     state_dict: Callable[[], dict[str, Any]] | None = None
     load_state_dict: Callable[[dict[str, Any]], None] | None = None
+    # Each example's training loss (outputs, targets) -> (n,), for minimizers that rank examples (ESAM);
+    # None: plain cross entropy on classification outputs.
+    loss_per_sample: Callable | None = None
     synthetic: bool = False           # trained on generated data: never mixed with real runs in reports
     info: dict[str, Any] = field(default_factory=dict)  # extra task facts for the results row
 
@@ -51,8 +54,8 @@ class Task:
             setattr(self, key, value)
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
-        """Recipe defaults: RunConfig fields plus `rho_by_minimizer`, `eta_by_minimizer`, `models`.
-        With a model, including that model's own recipe differences."""
+        """Recipe defaults: RunConfig fields plus `minimizers` ({name: {option: value}}, the TOML's
+        `[minimizers.<name>]` tables) and `models`. With a model, including that model's own differences."""
         raise NotImplementedError
 
     def models(self) -> list[str]:
@@ -81,6 +84,20 @@ class Task:
         """Write a small synthetic dataset in the real on-disk format; return a one-line summary."""
         from bench.errors import UserError
         raise UserError(f"task {self.name!r} has no synthetic data generator")
+
+
+def merge_recipe(recipe: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`recipe` updated by `update`, in place; the `minimizers` tables merge option by option (a dataset's
+    rho keeps the common eta)."""
+    for key, value in update.items():
+        if key == "minimizers":
+            merged = {name: dict(opts) for name, opts in recipe.get("minimizers", {}).items()}
+            for name, opts in value.items():
+                merged.setdefault(name, {}).update(opts)
+            recipe["minimizers"] = merged
+        else:
+            recipe[key] = value
+    return recipe
 
 
 def load_toml(path) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from torchvision import transforms
 from bench.augment import Cutout, DeviceCifarLoader
 from bench.data import make_loader
 from bench.errors import UserError
-from bench.task import Job, Task, load_toml
+from bench.task import Job, Task, load_toml, merge_recipe
 from tasks.models import MODEL_INFO, create_model, model_names
 
 CUTOUT = 16   # the SAM code's cutout_length
@@ -151,14 +151,14 @@ class ImageTask(Task):
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         tables = [self._table(self.dataset)] + ([self._table(self.overrides)] if self.overrides else [])
-        recipe = dict(self._table("common"))
+        recipe = merge_recipe({}, self._table("common"))
         for table in tables:
-            recipe.update({k: v for k, v in table.items() if k not in SUBTABLES})
+            merge_recipe(recipe, {k: v for k, v in table.items() if k not in SUBTABLES})
         recipe["models"] = self.model_choices()
         if model in MODEL_INFO:  # per-model differences live next to the model's registration ...
-            recipe.update(MODEL_INFO[model]["recipe"])
+            merge_recipe(recipe, MODEL_INFO[model]["recipe"])
         for table in tables:     # ... or per dataset, in the TOML (the SAM paper's rho for Shake-Shake)
-            recipe.update(table.get("by_model", {}).get(model, {}))
+            merge_recipe(recipe, table.get("by_model", {}).get(model, {}))
         return recipe
 
     def model_rev(self, name: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.registry import register_task
-from bench.task import load_toml
+from bench.task import load_toml, merge_recipe
 from tasks.cifar import CifarTask
 from tasks.images import symmetric_noise  # noqa: F401 (its historical home: tests and digits import it here)
 
@@ -25,4 +25,4 @@ class LabelNoiseTask(CifarTask):
     settings = ("noise", "noise_seed", "augment")
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
-        return {**super().recipe(model), **NOISE_RECIPE}
+        return merge_recipe(super().recipe(model), NOISE_RECIPE)

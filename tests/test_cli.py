@@ -15,8 +15,9 @@ def invoke(*args):
 def test_list_shows_tasks_models_minimizers_defaults():
     r = invoke("list")
     assert r.exit_code == 0, r.output
-    for word in ("cifar10", "cifar100", "resnet20", "wrn28_10", "sam rho=0.05", "asam rho=0.5", "asam rho=1.0",
-                 "asam eta=0.01", "lr=0.1", "epochs=200"):
+    for word in ("cifar10", "cifar100", "resnet20", "wrn28_10", "sam rho=0.05", "asam rho=0.5", "asam rho=1.0 eta=0.01",
+                 "lr=0.1", "epochs=200", "gsam", "alpha=", "Zhuang", "esam", "looksam", "fsam", "samon",
+                 "sam_adaptive_all"):
         assert word in r.output
 
 
@@ -69,8 +70,18 @@ def test_same_seed_same_result(three_runs, fake_cifar10, tmp_path):
     (["run", "cifar11"], "unknown task 'cifar11'; choose one of: cifar10, cifar10-noise, cifar100"),
     (["run", "cifar10", "--model", "resnet21"], "unknown model 'resnet21'"),
     (["run", "cifar10", "--minimizer", "adamw"], "unknown minimizer 'adamw' for task cifar10; choose one of: sgd, sam, asam"),
-    (["run", "cifar10", "--minimizer", "sam", "--rho", "-0.1"], "--rho must be a finite number >= 0"),
-    (["run", "cifar10", "--minimizer", "asam", "--eta", "-1"], "--eta must be a finite number >= 0"),
+    (["run", "cifar10", "--minimizer", "sam", "--rho", "-0.1"], "minimizer sam: rho=-0.1 must be in [0, inf)"),
+    (["run", "cifar10", "--minimizer", "asam", "--eta", "-1"], "minimizer asam: eta=-1.0 must be in [0, inf)"),
+    (["run", "cifar10", "--minimizer", "sam", "--mopt", "alpha=0.1"],
+     "unknown option(s) alpha for minimizer sam; its options: rho"),
+    (["run", "cifar10", "--minimizer", "sam", "--mopt", "rho"], "--mopt takes KEY=VALUE"),
+    (["run", "cifar10", "--minimizer", "sam", "--mopt", "rho=big"], "minimizer sam: rho='big' must be in [0, inf)"),
+    (["run", "cifar10", "--minimizer", "sam", "--rho", "0.1", "--mopt", "rho=0.2"], "rho given twice"),
+    (["run", "cifar10", "--mopt", "rho=0.2"], "sgd alone takes no minimizer options"),
+    (["run", "cifar10", "--batch-size", "128", "--accumulate", "3"], "--accumulate 3 must be >= 1 and divide"),
+    (["run", "cifar10", "--accumulate", "4", "--m", "64"], "--m 64 is larger than a micro-batch (32 examples"),
+    (["run", "cifar10", "--precision", "fp8"], "--precision must be one of fp32, bf16, fp16"),
+    (["run", "cifar10", "--target-acc", "101"], "--target-acc must be a percentage in [0, 100]"),
     (["run", "cifar10", "--lr", "0"], "--lr must be a finite number > 0"),
     (["run", "cifar10", "--epochs", "0"], "--epochs must be >= 1"),
     (["run", "cifar10", "--seed", "-1"], "--seed and --noise-seed must be >= 0"),

@@ -17,7 +17,7 @@ from bench.errors import UserError
 from bench.task import Job
 
 CPU = torch.device("cpu")
-TIMING = ("epoch_time_s", "data_time_s", "loader_items_per_s")
+TIMING = ("epoch_time_s", "data_time_s", "loader_items_per_s", "wall_s")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -107,7 +107,7 @@ def test_recipes():
     sam = make_config("fashion-mnist", minimizer="sam")
     assert (sam.model, sam.rho, sam.lr, sam.batch_size, sam.weight_decay, sam.noise) == ("wrn28_10", 0.05, 0.1,
                                                                                         256, 5e-4, 0.0)
-    assert get_task("fashion-mnist").recipe("shake_shake26_2x96d")["rho_by_minimizer"]["sam"] == 0.02
+    assert get_task("fashion-mnist").recipe("shake_shake26_2x96d")["minimizers"]["sam"]["rho"] == 0.02
     demo = make_config("fmnist-demo-val", minimizer="sam")
     assert demo.identity() | {"task": "fmnist-demo"} == make_config("fmnist-demo", minimizer="sam").identity()
     assert (demo.model, demo.augment, demo.loader) == ("mlp", "none", "device")

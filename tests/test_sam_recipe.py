@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bench.config import RunConfig
+from bench.batch import Cost
 from bench.engine import make_base_optimizer, make_scheduler, train_step
 from bench.errors import UserError
 from bench.minimizers import SAM
@@ -29,9 +30,10 @@ def data(n=8):
 
 def engine_step(cfg, model, x, y):
     base = make_base_optimizer(cfg, model)
-    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy), model=model, net=model, shakes=None,
+    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy, loss_per_sample=None), model=model,
+                         net=model, shakes=None, cost=Cost(),
                          minimizer=SAM(base, model, rho=cfg.rho))
-    loss, out = train_step(st, x, y, torch.autocast("cpu", enabled=False), lambda: __import__("contextlib").nullcontext())
+    loss, out = train_step(st, x, y, lambda: torch.autocast("cpu", enabled=False))
     return loss, out
 
 
@@ -128,10 +130,11 @@ def test_true_gradient_in_the_first_sam_pass_only(minimizer, flag, seen):
     cfg = RunConfig(task="t", model="m", minimizer=minimizer, rho=RHO, true_gradient=flag, batch_size=8)
     base = make_base_optimizer(cfg, model)
     from bench.minimizers import create_minimizer
-    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy), model=model, net=model, shakes=None,
+    st = SimpleNamespace(cfg=cfg, job=SimpleNamespace(loss_fn=nn.functional.cross_entropy, loss_per_sample=None), model=model,
+                         net=model, shakes=None, cost=Cost(),
                          minimizer=create_minimizer(minimizer, base, model, rho=RHO))
     import contextlib
-    train_step(st, x, y, contextlib.nullcontext(), contextlib.nullcontext)
+    train_step(st, x, y, contextlib.nullcontext)
     assert shake.seen == seen
 
 

@@ -1,0 +1,139 @@
+"""The engine's side of the step contract (bench/minimizers/base.py): one optimizer step's examples as a
+callable a minimizer runs passes with.
+
+    batch(kind, index=None, backward=True, per_sample=False) -> Pass(loss, out, per_sample)
+
+It does what no minimizer should have to know: the forward under autocast, the task's loss (and the SAM
+code's L2 term), gradient accumulation over micro-batches, DDP's no_sync, the fp16 loss scale and the
+unscale + overflow check after each pass, Shake-Shake's true_gradient switch, and the cost accounting:
+every forward and backward is counted in examples where it runs (`Cost`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bench.errors import UserError
+from bench.minimizers.base import KINDS, Pass
+
+
+@dataclass
+class Cost:
+    """Examples run forward and backward (per replica), summed over steps; `steps` optimizer steps taken."""
+    fwd: int = 0
+    bwd: int = 0
+    steps: int = 0
+
+    def passes(self, batch_size: int) -> float:
+        """Forward+backward passes over a batch of `batch_size` examples, a forward alone counting one third
+        (a backward costs about two forwards): the number of SGD steps of the same compute."""
+        return (self.fwd + 2 * self.bwd) / (3 * batch_size)
+
+
+def take(x, index):
+    """The examples `index` (or the slice) of a batch: tensors, or tuples/lists/dicts of them."""
+    if isinstance(x, torch.Tensor):
+        return x[index]
+    if isinstance(x, (tuple, list)):
+        return type(x)(take(v, index) for v in x)
+    if isinstance(x, dict):
+        return {k: take(v, index) for k, v in x.items()}
+    return x
+
+
+def default_per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() == 2 and y.dim() == 1:
+        return nn.functional.cross_entropy(out.float(), y, reduction="none")
+    raise UserError("this minimizer needs every example's loss, which this task does not provide "
+                    "(Job.loss_per_sample); use sam, asam or another minimizer")
+
+
+def forward(model: nn.Module, x):
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+class Batch:
+    def __init__(self, net: nn.Module, model: nn.Module, x, y, loss_fn: Callable, *, cost: Cost,
+                 per_sample_fn: Callable | None = None, autocast: Callable = contextlib.nullcontext,
+                 scaler=None, micro: int = 1, weight: float = 1.0, no_sync: Callable | None = None,
+                 local_ascent: bool = True, reduce: bool = True, shakes: tuple = (),
+                 extra_loss: Callable[[], torch.Tensor] | None = None):
+        self.net, self.model, self.x, self.y, self.loss_fn = net, model, x, y, loss_fn
+        self.cost, self.per_sample_fn, self.autocast, self.scaler = cost, per_sample_fn, autocast, scaler
+        self.micro, self.weight, self.no_sync = micro, weight, no_sync or contextlib.nullcontext
+        self.local_ascent, self.reduce, self.shakes, self.extra_loss = local_ascent, reduce, shakes, extra_loss
+        self.n = y.shape[0]
+        self._found = None
+
+    def chunks(self, m: int) -> list["Batch"]:
+        """The batch as chunks of m examples (m-sharpness): each a Batch of its own whose loss is weighted by
+        its share, all counting into the same Cost; only the last may all-reduce under DDP."""
+        starts = list(range(0, self.n, m))
+        out = []
+        for i, s in enumerate(starts):
+            sl = slice(s, min(s + m, self.n))
+            b = Batch(self.net, self.model, take(self.x, sl), take(self.y, sl), self.loss_fn, cost=self.cost,
+                      per_sample_fn=self.per_sample_fn, autocast=self.autocast, scaler=self.scaler, micro=1,
+                      weight=self.weight * (sl.stop - sl.start) / self.n, no_sync=self.no_sync,
+                      local_ascent=self.local_ascent, reduce=self.reduce and i == len(starts) - 1,
+                      shakes=self.shakes, extra_loss=self.extra_loss)
+            out.append(b)
+        return out
+
+    def found_inf(self) -> bool:
+        """Whether a pass of this step overflowed (fp16). A host sync."""
+        return self._found is not None and bool(self._found.item())
+
+    def __call__(self, kind: str = "plain", index=None, backward: bool = True, per_sample: bool = False) -> Pass:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        x, y = (self.x, self.y) if index is None else (take(self.x, index), take(self.y, index))
+        n = y.shape[0]
+        if n == 0:
+            raise ValueError("a pass over no examples")
+        for module in self.shakes:  # SAM code: true_gradient in the pass whose gradient perturbs
+            module.true_gradient = kind == "ascent"
+        pieces = [p for p in torch.tensor_split(torch.arange(n), min(self.micro, n)) if len(p)]
+        losses, outs, per = [], [], []
+        for i, piece in enumerate(pieces):
+            xs, ys = (x, y) if len(pieces) == 1 else (take(x, piece.to(y.device)), take(y, piece.to(y.device)))
+            last = i == len(pieces) - 1
+            sync = last and self.reduce and not (kind == "ascent" and self.local_ascent)
+            with (contextlib.nullcontext() if sync or not backward else self.no_sync()):
+                loss, out, ps = self._run(xs, ys, len(piece) / n, backward, per_sample)
+            losses.append(loss * (len(piece) / n) if len(pieces) > 1 else loss)
+            outs.append(out)
+            per.append(ps)
+        if backward and self.scaler is not None:
+            self._unscale()
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return Pass(loss, out, (per[0] if len(per) == 1 else torch.cat(per)) if per_sample else None)
+
+    def _run(self, x, y, share: float, backward: bool, per_sample: bool):
+        self.cost.fwd += y.shape[0]
+        with (contextlib.nullcontext() if backward else torch.no_grad()), self.autocast():
+            out = forward(self.net, x)
+            loss = self.loss_fn(out, y)
+            total = loss if self.extra_loss is None else loss + self.extra_loss()
+        ps = None
+        if per_sample:
+            with torch.no_grad():
+                ps = (self.per_sample_fn or default_per_sample)(out.detach(), y).detach().float()
+        if backward:
+            self.cost.bwd += y.shape[0]
+            w = share * self.weight
+            total = total * w if w != 1.0 else total
+            (total * self.scaler.scale if self.scaler is not None else total).backward()
+        return loss.detach(), out.detach(), ps
+
+    def _unscale(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self._found is None:
+            device = grads[0].device if grads else torch.device("cpu")
+            self._found = torch.zeros(1, device=device)
+        self.scaler.unscale_(grads, self._found)

@@ -1,0 +1,47 @@
+"""ASAM (Kwon et al., ICML 2021): SAM with the element-wise normalisation T_w = |w| + eta, p = 2.
+
+As the official code (SamsungLabs/ASAM `asam.py`):
+
+    T = |w| + eta on parameters whose *name* contains "weight", T = 1 elsewhere
+    e = rho * T^2 g / (||T g||_2 + 1e-16)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bench.minimizers.base import global_norm, option
+from bench.minimizers.registry import register_minimizer
+from bench.minimizers.sam import SAM
+
+
+@dataclass(frozen=True)
+class ASAMHparams:
+    """Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural
+    Networks", ICML 2021 (arXiv 2102.11600); official code github.com/SamsungLabs/ASAM. rho 0.5 and eta 0.01
+    are the official example's (and the paper's CIFAR-10) values."""
+    rho: float = option(0.5, "radius of the ball in the normalised (T^-1 w) coordinates", ge=0)
+    eta: float = option(0.01, "added to |w| in T_w, so zero weights still move", ge=0)
+
+
+@register_minimizer("asam")
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., 2021), element-wise normalisation with p = 2, as the official code."""
+
+    Hparams = ASAMHparams
+    citation = "Kwon et al., ICML 2021 (arXiv 2102.11600); code: SamsungLabs/ASAM"
+
+    def _scaled_grads(self, names, params):
+        grads = [p.grad for p in params]
+        w_idx = [i for i, n in enumerate(names) if "weight" in n]
+        if w_idx:
+            w_grads = [grads[i] for i in w_idx]
+            t = torch._foreach_abs([params[i] for i in w_idx])
+            torch._foreach_add_(t, self.eta)        # T = |w| + eta
+            torch._foreach_mul_(w_grads, t)         # T g   (T = 1 on the other parameters)
+            norm = global_norm(grads)               # ||T g||
+            torch._foreach_mul_(w_grads, t)         # T^2 g
+        else:
+            norm = global_norm(grads)
+        return grads, norm

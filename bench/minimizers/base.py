@@ -1,0 +1,219 @@
+"""The step contract every minimizer follows, and the plain one-pass minimizer (SGD / Adam alone).
+
+A minimizer gets, once per optimizer step, a *batch*: a callable that runs forward (and backward) on the
+step's examples and adds the gradient to `.grad`:
+
+    batch(kind="plain", index=None, backward=True, per_sample=False) -> Pass
+
+- `kind` says what the pass is for, so the engine can treat it right: "ascent" (at w; its gradient makes
+  the perturbation: under DDP it stays local unless the minimizer sets `ascent_sync`, and Shake-Shake's
+  `true_gradient` is on), "descent" (at the perturbed weights), "plain" (a one-pass step at w).
+- `index`: run only these examples of the batch (ESAM's data selection); the loss is their mean.
+- `backward=False`: forward only, under no_grad (ESAM's loss probe).
+- `per_sample=True`: the Pass carries every example's loss too (detached).
+
+The batch hides gradient accumulation (`--accumulate K`: one call = K micro-batches, gradients summed),
+mixed precision (under fp16 every backward is loss-scaled and the gradients are unscaled and checked
+right after the call: minimizers always see true gradients) and the cost accounting (forward and backward
+examples, counted where they run, so no minimizer can misreport its passes).
+
+A minimizer's `step(batch)` returns the Pass (or, for a plain callable, its return value) of its
+unperturbed pass: the training metrics come from it. Plain zero-argument callables (`closure()` that runs
+forward + backward) are accepted too and wrapped by `as_batch`; they support full-batch passes only.
+
+Hyperparameters: each minimizer declares a frozen dataclass `Hparams` whose fields carry their default,
+range and meaning (`option(...)`); `bench list`, the CLI's `--mopt` and the recipes' `[minimizers.<name>]`
+tables all read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from bench.errors import UserError
+from bench.minimizers.scaler import LossScaler
+
+KINDS = ("ascent", "descent", "plain")
+
+
+class OptionError(UserError, ValueError):
+    """A minimizer option outside its range, or unknown: one line for the CLI, a ValueError for callers."""
+
+
+class Pass(NamedTuple):
+    loss: torch.Tensor                  # mean loss over the examples run (detached)
+    out: Any = None                     # the model's outputs (detached)
+    per_sample: torch.Tensor | None = None  # each example's loss (detached), when asked
+
+
+def option(default, help: str, *, ge=None, gt=None, le=None, lt=None, integer: bool = False,
+           choices: tuple | None = None):
+    """A hyperparameter field: its default, one line of meaning, and its valid range."""
+    return field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt,
+                                            "integer": integer, "choices": choices})
+
+
+def describe_range(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(str, m["choices"]))
+    lo = f"[{m['ge']}" if m.get("ge") is not None else f"({m['gt']}" if m.get("gt") is not None else "(-inf"
+    hi = f"{m['le']}]" if m.get("le") is not None else f"{m['lt']})" if m.get("lt") is not None else "inf)"
+    return ("an integer in " if m.get("integer") else "in ") + f"{lo}, {hi}"
+
+
+def check_value(name: str, f: dataclasses.Field, value) -> Any:
+    """The value converted to the field's type, or a UserError that names the range."""
+    m, default = f.metadata, f.default
+    bad = OptionError(f"minimizer {name}: {f.name}={value!r} must be {describe_range(f)} ({m.get('help', '')})")
+    if m.get("choices"):
+        if value not in m["choices"]:
+            raise bad
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise OptionError(f"minimizer {name}: {f.name}={value!r} must be true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad
+    if m.get("integer") and float(value) != int(value):
+        raise bad
+    value = int(value) if m.get("integer") else float(value)
+    if ((m.get("ge") is not None and not value >= m["ge"]) or (m.get("gt") is not None and not value > m["gt"])
+            or (m.get("le") is not None and not value <= m["le"]) or (m.get("lt") is not None and not value < m["lt"])):
+        raise bad
+    return value
+
+
+def make_hparams(name: str, cls: type, values: dict[str, Any]):
+    """cls(**values) with every value checked; an unknown key is refused with the valid list."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        valid = ", ".join(known) or "none"
+        raise OptionError(f"unknown option(s) {', '.join(unknown)} for minimizer {name}; its options: {valid}")
+    return cls(**{k: check_value(name, known[k], v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class NoHparams:
+    """The base optimizer alone has no minimizer options."""
+
+
+class CallableBatch:
+    """A zero-argument closure seen through the batch contract: full-batch passes with backward only."""
+
+    def __init__(self, closure: Callable):
+        self.closure = closure
+        self.scaler = None
+
+    def __call__(self, kind: str = "plain", index=None, backward: bool = True, per_sample: bool = False):
+        if index is not None or not backward or per_sample:
+            raise TypeError("this minimizer needs the engine's batch (subsets, probes or per-example losses); "
+                            "a plain closure() cannot provide them")
+        return self.closure()
+
+    def found_inf(self) -> bool:
+        return False
+
+
+def as_batch(closure) -> Any:
+    return closure if hasattr(closure, "found_inf") else CallableBatch(closure)
+
+
+class Minimizer:
+    """Plain base-optimizer training: one forward/backward per step (SGD and Adam runs)."""
+
+    Hparams: type = NoHparams
+    passes = 1            # nominal forward+backward passes of a step (the batch counts what really ran)
+    ascent_sync = False   # True: under DDP the ascent gradient must be all-reduced (it enters the update)
+    supports_chunks = False  # step_chunks (m-sharpness, --m) is available
+    citation = ""
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, clip_norm: float = 0.0,
+                 scaler: LossScaler | None = None, **options):
+        if not clip_norm >= 0:
+            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+        self.base_optimizer = base_optimizer
+        self.model = model
+        self.clip_norm = float(clip_norm)  # 0: no clipping; else the update's gradient norm is clipped
+        self.scaler = scaler
+        self.hp = make_hparams(type(self).__name__, self.Hparams, options)
+        for f in fields(self.hp):  # the live values (checkpointed in hparams())
+            setattr(self, f.name, getattr(self.hp, f.name))
+
+    @property
+    def param_groups(self):  # lets torch.optim.lr_scheduler drive the base optimizer through us
+        return self.base_optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, batch, first_pass_context=None):
+        """One pass at w, then the base step. (`first_pass_context` is the engine's older way to keep
+        SAM's first pass local under DDP; the batch's `kind` does it now. Kept for plain closures.)"""
+        batch = as_batch(batch)
+        out = batch("plain")
+        self._base_step(batch)
+        return out
+
+    def skip_if_overflow(self, batch) -> bool:
+        """fp16: True (and the step is abandoned: gradients cleared, scale lowered, skip counted) when a pass
+        of this step overflowed. One host sync per call, as GradScaler's step has."""
+        if batch.scaler is None or not batch.found_inf():
+            return False
+        self.base_optimizer.zero_grad()
+        batch.scaler.update(overflow=True)
+        return True
+
+    def _base_step(self, batch=None) -> None:
+        if batch is not None and self.skip_if_overflow(batch):
+            return
+        if self.clip_norm > 0:
+            params = [p for g in self.base_optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
+        self.base_optimizer.step()
+        self.base_optimizer.zero_grad()
+        if batch is not None and batch.scaler is not None:
+            batch.scaler.update(overflow=False)
+
+    def hparams(self) -> dict:
+        return {"clip_norm": self.clip_norm, **{f.name: getattr(self, f.name) for f in fields(self.hp)}}
+
+    def extra_state(self) -> dict:
+        """What a minimizer carries across steps (tensors and plain values): saved in checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"base": self.base_optimizer.state_dict(), "hparams": self.hparams(), "extra": self.extra_state(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_optimizer.load_state_dict(state["base"])
+        for key, value in state.get("hparams", {}).items():
+            setattr(self, key, value)
+        if state.get("extra"):
+            self.load_extra_state(state["extra"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """|| (||t||_2 for t in tensors) ||_2, in fp32 at least (fp16/bf16 gradients are upcast)."""
+    norms = torch._foreach_norm(tensors)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """sum over tensors of <a_i, b_i>, in fp32 at least."""
+    parts = [torch.sum(x.to(torch.promote_types(x.dtype, torch.float32)) * y) for x, y in zip(a, b)]
+    return torch.stack(parts).sum()
