@@ -8,8 +8,8 @@ counts every forward and backward (the row's passes per step) and does accumulat
 Under torchrun the model is wrapped in DistributedDataParallel. SAM's first pass (forward and backward)
 runs inside `no_sync()`, so each replica perturbs its weights with its own local gradient (the SAM
 paper's m-sharpness, m = per-replica batch); only the second gradient is averaged. With
-`sync_perturbation`, or for a minimizer whose update uses the first gradient (`ascent_sync`: GSAM,
-LookSAM), the first gradient is all-reduced too (m = global batch).
+`sync_perturbation`, or for a minimizer that needs the same first gradient on every replica
+(`ascent_sync`: GSAM, LookSAM, F-SAM), the first gradient is all-reduced too (m = global batch).
 """
 from __future__ import annotations
 

@@ -137,9 +137,10 @@ def test_esam_matches_hand_reference_and_counts_its_examples():
     torch.manual_seed(seed)
     for step in range(1, steps + 1):
         first = opt.step(Batch(net, net, x, y, F.cross_entropy, cost=cost))
-        assert (cost.fwd, cost.bwd) == (step * (8 + 8 + 4), step * (8 + 4))
+        assert (cost.fwd_examples, cost.bwd_examples) == (step * (8 + 8 + 4), step * (8 + 4))
+        assert (cost.fwd, cost.bwd) == (step * 2.5, step * 1.5)
         assert first.per_sample.shape == (8,)
-    assert cost.passes(8) == pytest.approx(steps * opt.passes)
+    assert cost.passes() == pytest.approx(steps * opt.passes)
     for p, q in zip(want, net.parameters()):
         torch.testing.assert_close(q.detach(), p, **TOL)
 
@@ -167,7 +168,7 @@ def test_esam_full_selection_skips_the_probe_and_beta_one_draws_nothing():
     torch.manual_seed(0)
     state = torch.get_rng_state()
     opt.step(Batch(net, net, x, y, F.cross_entropy, cost=cost))
-    assert (cost.fwd, cost.bwd) == (16, 16)                 # no probe: nothing to select
+    assert (cost.fwd_examples, cost.bwd_examples) == (16, 16)  # no probe: nothing to select
     assert torch.equal(torch.get_rng_state(), state)        # beta = 1: every tensor kept, no number drawn
     # and then the step is SAM's with ESAM's 1e-7
     ref = mlp()

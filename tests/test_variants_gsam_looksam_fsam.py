@@ -217,8 +217,9 @@ def test_pass_counts_through_the_engine_batch(name, opts, steps, passes, kinds):
     for _ in range(steps):
         out = opt.step(LoggedBatch(net, net, x, y, F.cross_entropy, cost=cost, kinds=seen))
         assert out.loss.ndim == 0 and out.out.shape == (8, 3)
-    assert (cost.fwd, cost.bwd) == (passes * 8, passes * 8)
-    assert cost.passes(8) == passes
+    assert (cost.fwd_examples, cost.bwd_examples) == (passes * 8, passes * 8)
+    assert (cost.fwd, cost.bwd) == (passes, passes)
+    assert cost.passes() == passes
     assert passes / steps == opt.passes
     assert seen == kinds
 
