@@ -22,6 +22,8 @@ a multiple of k steps). Hence per minimizer
 
     ms_median, ms_p10, ms_p90   step time: median and spread over the timed steps
     ratio_to_sgd                ms_median / ms_median of sgd (sgd: 1.0)
+    ms_mean, mean_ratio_to_sgd  the mean step time and its ratio to sgd's mean: the cost of a minimizer whose
+                                steps differ (LookSAM: one SAM step in k), where the median is one kind's
     images_per_s                batch_size / ms_median
     pass_ms                     median time of the plain forward + backward (the `pass` entries)
     opt_ms                      median time spent outside the passes (ascent + descent, or base step)
@@ -75,7 +77,7 @@ BASE_SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 PEER_HINT = "pip install pytorch-optimizer (or: pip install 'sambench[peer]')"
 
 COLUMNS = ["minimizer", "impl", "model", "batch_size", "steps", "warmup", "precision", "device_name",
-           "ms_median", "ms_p10", "ms_p90", "ratio_to_sgd", "images_per_s", "passes", "pass_ms", "opt_ms",
+           "ms_median", "ms_p10", "ms_p90", "ratio_to_sgd", "ms_mean", "mean_ratio_to_sgd", "images_per_s", "passes", "pass_ms", "opt_ms",
            "minimizer_ms", "overhead_ms", "overhead_pct", "peak_mem_mb", "param_mb", "rho", "eta", "seed",
            "torch_version"]
 
@@ -271,6 +273,7 @@ def summarize(timings: dict[str, list[StepTiming]], passes: dict[str, int], batc
     """The numbers of the module docstring, per contestant other than "pass", from per-step timings."""
     pass_ms = percentile([t.step_ms for t in timings[PASS]], 50) if PASS in timings else None
     med = {n: percentile([t.step_ms for t in ts], 50) for n, ts in timings.items()}
+    mean = {n: float(np.mean([t.step_ms for t in ts])) for n, ts in timings.items()}
     opt = {n: percentile([t.opt_ms for t in ts], 50) for n, ts in timings.items()}
     out = {}
     for name, ts in timings.items():
@@ -283,6 +286,8 @@ def summarize(timings: dict[str, list[StepTiming]], passes: dict[str, int], batc
             "ms_p10": percentile(steps, 10),
             "ms_p90": percentile(steps, 90),
             "ratio_to_sgd": med[name] / med["sgd"] if "sgd" in med else None,
+            "ms_mean": mean[name],
+            "mean_ratio_to_sgd": mean[name] / mean["sgd"] if "sgd" in mean else None,
             "images_per_s": batch_size * 1e3 / med[name] if med[name] > 0 else None,
             "passes": passes[name],
             "pass_ms": pass_ms,
@@ -420,7 +425,7 @@ def format_table(rows: Sequence[dict]) -> str:
     caption = ", ".join(f"{k} {rows[0].get(k)}" for k in constant)
     cols = [(k, k) for k in shared if k not in constant] + [
         ("minimizer", "minimizer"), ("ms/step", "ms_median"), ("p10–p90", None), ("× sgd", "ratio_to_sgd"),
-        ("passes/step", "passes"),
+        ("× sgd (mean)", "mean_ratio_to_sgd"), ("passes/step", "passes"),
         ("img/s", "images_per_s"), ("pass ms", "pass_ms"), ("SAM's own ms", "minimizer_ms"),
         ("own %", "overhead_pct"), ("step − passes ms", "overhead_ms"), ("peak MB", "peak_mem_mb"),
         ("params MB", "param_mb")]
@@ -430,7 +435,7 @@ def format_table(rows: Sequence[dict]) -> str:
         for header, key in cols:
             if key is None:
                 cells.append(f"{_fmt(r.get('ms_p10'))}–{_fmt(r.get('ms_p90'))}")
-            elif key == "ratio_to_sgd":
+            elif key in ("ratio_to_sgd", "mean_ratio_to_sgd"):
                 cells.append(_fmt(r.get(key), 3))
             elif key == "images_per_s":
                 cells.append(_fmt(r.get(key), 0))
