@@ -29,9 +29,10 @@ from bench.report_tables import DASH, md_table
 from bench.tables import Layout, minimizer_name, tasks
 
 HEADER = ["acc at SGD's compute (%)", "compute to SGD's final acc", "passes/step", "wall s/epoch", "seeds"]
-READING = ("Mean over seeds, each run against the SGD run of its seed: its test accuracy after as many passes as "
-           "SGD spent in all, and the passes it took to reach SGD's final test accuracy ÷ SGD's total (`(k of n)`: "
-           "k seeds got there). A pass is a forward+backward over a batch, a forward alone counting 1/3.")
+READING = ("Mean over seeds, each run against the SGD run of its seed: its test accuracy at its last epoch within "
+           "SGD's total passes, and the passes it took to reach SGD's final test accuracy ÷ SGD's total (`(k of n)`: "
+           "only k of the n seeds compared have a figure; –: no SGD run to compare with). A pass is a "
+           "forward+backward over a batch, a forward alone counting 1/3.")
 
 
 @dataclass
@@ -123,10 +124,9 @@ def line_cells(line: Line) -> list[str]:
     acc = f"{_mean(accs):.2f}{_of(len(accs), len(pairs))}" if accs else DASH
     ratio = (f"{_mean(ratios):.2f}×{_of(len(ratios), len(pairs))}" if ratios
              else "not reached" if pairs else DASH)
-    walls = [c["wall_s"] / c["epochs"] for c in costs]
-    wall = _mean(walls)
+    wall = _mean([c["wall_s"] / c["epochs"] for c in costs])
     return [acc, ratio, f"{_mean([c['passes'] / c['steps'] for c in costs]):.2f}",
-            f"{wall:.2f}" if wall < 10 else f"{wall:.1f}", str(len(costs))]
+            DASH if wall != wall else f"{wall:.2f}" if wall < 10 else f"{wall:.1f}", str(len(costs))]
 
 
 def _split(lay: Layout) -> bool:

@@ -112,30 +112,30 @@ ACCS = {("cifar10", "sgd", 0): [50.0, 60.0, 70.0, 80.0], ("cifar10", "sgd", 1): 
 WALL = {"sgd": 1.0, "sam": 2.0, "asam": 2.5}
 
 
-def planned_row(task, minimizer, seed):
-    """The results row of a run the variants table's full plan names (WRN-28-10 cells)."""
-    for s in PLANS["variants"]["full"]:
-        if (s["task"], s["minimizer"], s[ROW]) == (task, minimizer, "WRN-28-10"):
+def planned_row(task, minimizer, seed, table="variants", cell=("WRN-28-10", ""), epochs=None):
+    """The results row of a run a table's full plan names (by default a WRN-28-10 cell of variants)."""
+    for s in PLANS[table]["full"]:
+        if (s["task"], s["minimizer"], s[ROW], s[VARIANT]) == (task, minimizer, *cell) and epochs in (None, s["epochs"]):
             settings = {k: v for k, v in s.items() if k not in (ROW, VARIANT)}
             settings["mopts"] = json.dumps(settings.get("mopts", {}), sort_keys=True)  # as a CSV holds it
-            return {"run_id": f"{task}-{minimizer}-s{seed}", "status": "ok", "synthetic": False, **settings,
-                    "seed": seed, "note": ""}
-    raise AssertionError(f"no planned run {task} {minimizer}")
+            return {"run_id": f"{table}-{task}-{minimizer}-s{seed}-{s['epochs']}", "status": "ok", "synthetic": False,
+                    **settings, "seed": seed, "note": ""}
+    raise AssertionError(f"no planned run {table} {task} {minimizer}")
+
+
+def write_run(res, row, accs, passes_per_epoch, wall_per_epoch=1.0):
+    """A run's row (returned, with its accuracies) and its epoch log, written under `res`."""
+    path = res / "runs" / row["run_id"] / "epochs.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(log(accs, passes_per_epoch, wall_per_epoch)).to_csv(path, index=False)
+    return {**row, "max_test_acc": max(accs), "final_test_acc": accs[-1]}
 
 
 @pytest.fixture
 def results(tmp_path):
     res = tmp_path / "results"
-    rows = []
-    for (task, m, seed), accs in ACCS.items():
-        row = planned_row(task, m, seed)
-        history = log(accs, 10.0 if m == "sgd" else 20.0, WALL[m])
-        row.update(max_test_acc=max(accs), final_test_acc=accs[-1])
-        rows.append(row)
-        path = res / "runs" / row["run_id"] / "epochs.csv"
-        path.parent.mkdir(parents=True)
-        pd.DataFrame(history).to_csv(path, index=False)
-    res.mkdir(exist_ok=True)
+    rows = [write_run(res, planned_row(task, m, seed), accs, 10.0 if m == "sgd" else 20.0, WALL[m])
+            for (task, m, seed), accs in ACCS.items()]
     pd.DataFrame(rows).to_csv(res / "cifar.csv", index=False)
     (tmp_path / "targets.csv").write_text(HEAD)
     return res
@@ -163,6 +163,21 @@ def test_equal_compute_view_numbers(results, tmp_path):
         ["CIFAR-100", "WRN-28-10", "SAM", "30.00", "not reached", "2.00", "2.00", "2"],
     ]
     assert "a forward alone counting 1/3" in section
+
+
+def test_sgd_at_twice_the_epochs_is_a_line_measured_against_sgd_at_the_tables_epochs(tmp_path):
+    res, cell = tmp_path / "results", ("WRN-28-10 (200 epochs)", "Basic")
+    rows = [write_run(res, planned_row("cifar10", "sgd", 0, "sam1", cell, 200), [60.0, 70.0], 10.0),
+            write_run(res, planned_row("cifar10", "sgd", 0, "sam1", cell, 400), [50.0, 65.0, 72.0, 75.0], 10.0),
+            write_run(res, planned_row("cifar10", "sam", 0, "sam1", cell), [55.0, 72.0], 20.0)]
+    pd.DataFrame(rows).to_csv(res / "cifar10.csv", index=False)
+    (tmp_path / "targets.csv").write_text(HEAD)
+    md = render_report(load_results(res), load_targets(tmp_path / "targets.csv"), load_tables(TABLES), PLANS)
+    rows = view_rows(md[md.index("## SAM Table 1"):])
+    assert rows[0][:4] == ["dataset", "model", "augmentation", "minimizer"]
+    assert [r[3:6] for r in rows[2:]] == [["SGD", "70.00", "1.00×"], ["SGD (400 ep)", "65.00", "1.50×"],
+                                          ["SAM", "55.00", "2.00×"]]
+    assert rows[2][:3] == ["CIFAR-10", "WRN-28-10 (200 epochs)", "Basic"]
 
 
 def test_write_report_draws_one_accuracy_vs_compute_plot_per_cell(results, tmp_path):
