@@ -23,15 +23,18 @@ from bench.minimizers.base import KINDS, Pass
 
 @dataclass
 class Cost:
-    """Examples run forward and backward (per replica), summed over steps; `steps` optimizer steps taken."""
-    fwd: int = 0
-    bwd: int = 0
+    """What the steps ran, summed over steps (per replica): forward and backward passes in units of the
+    step's batch (a pass over half the batch counts 0.5), the same in examples, and the steps taken."""
+    fwd: float = 0.0
+    bwd: float = 0.0
+    fwd_examples: int = 0
+    bwd_examples: int = 0
     steps: int = 0
 
-    def passes(self, batch_size: int) -> float:
-        """Forward+backward passes over a batch of `batch_size` examples, a forward alone counting one third
-        (a backward costs about two forwards): the number of SGD steps of the same compute."""
-        return (self.fwd + 2 * self.bwd) / (3 * batch_size)
+    def passes(self) -> float:
+        """Forward+backward passes, a forward alone counting one third (a backward costs about two forwards):
+        the number of SGD steps of the same compute (SGD: one per step, SAM: two)."""
+        return (self.fwd + 2 * self.bwd) / 3
 
 
 def take(x, index):
@@ -61,12 +64,13 @@ class Batch:
                  per_sample_fn: Callable | None = None, autocast: Callable = contextlib.nullcontext,
                  scaler=None, micro: int = 1, weight: float = 1.0, no_sync: Callable | None = None,
                  local_ascent: bool = True, reduce: bool = True, shakes: tuple = (),
-                 extra_loss: Callable[[], torch.Tensor] | None = None):
+                 extra_loss: Callable[[], torch.Tensor] | None = None, step_n: int | None = None):
         self.net, self.model, self.x, self.y, self.loss_fn = net, model, x, y, loss_fn
         self.cost, self.per_sample_fn, self.autocast, self.scaler = cost, per_sample_fn, autocast, scaler
         self.micro, self.weight, self.no_sync = micro, weight, no_sync or contextlib.nullcontext
         self.local_ascent, self.reduce, self.shakes, self.extra_loss = local_ascent, reduce, shakes, extra_loss
         self.n = y.shape[0]
+        self.step_n = step_n or self.n  # the step's whole batch: passes are counted in its units
         self._found = None
 
     def chunks(self, m: int) -> list["Batch"]:
@@ -80,7 +84,7 @@ class Batch:
                       per_sample_fn=self.per_sample_fn, autocast=self.autocast, scaler=self.scaler, micro=1,
                       weight=self.weight * (sl.stop - sl.start) / self.n, no_sync=self.no_sync,
                       local_ascent=self.local_ascent, reduce=self.reduce and i == len(starts) - 1,
-                      shakes=self.shakes, extra_loss=self.extra_loss)
+                      shakes=self.shakes, extra_loss=self.extra_loss, step_n=self.step_n)
             out.append(b)
         return out
 
@@ -115,7 +119,8 @@ class Batch:
         return Pass(loss, out, (per[0] if len(per) == 1 else torch.cat(per)) if per_sample else None)
 
     def _run(self, x, y, share: float, backward: bool, per_sample: bool):
-        self.cost.fwd += y.shape[0]
+        self.cost.fwd += y.shape[0] / self.step_n
+        self.cost.fwd_examples += y.shape[0]
         with (contextlib.nullcontext() if backward else torch.no_grad()), self.autocast():
             out = forward(self.net, x)
             loss = self.loss_fn(out, y)
@@ -125,7 +130,8 @@ class Batch:
             with torch.no_grad():
                 ps = (self.per_sample_fn or default_per_sample)(out.detach(), y).detach().float()
         if backward:
-            self.cost.bwd += y.shape[0]
+            self.cost.bwd += y.shape[0] / self.step_n
+            self.cost.bwd_examples += y.shape[0]
             w = share * self.weight
             total = total * w if w != 1.0 else total
             (total * self.scaler.scale if self.scaler is not None else total).backward()

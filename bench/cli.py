@@ -174,8 +174,9 @@ def run_cmd(
         cfg = make_config(task, **settings)
         quiet = quiet or not D.is_main()
         if not quiet:
+            extra = "".join(f" {k}={v}" for k, v in cfg.mopts.items())
             console.print(f"[bold]{cfg.run_id}[/]  {cfg.task} {cfg.model} {cfg.minimizer} rho={cfg.rho} "
-                          f"eta={cfg.eta} epochs={cfg.epochs} batch={cfg.batch_size} lr={cfg.lr} "
+                          f"eta={cfg.eta}{extra} epochs={cfg.epochs} batch={cfg.batch_size} lr={cfg.lr} "
                           f"seed={cfg.seed}", highlight=False)
         stop = StopFlag()
         try:
@@ -344,11 +345,13 @@ def perf_cmd(
     warmup: Annotated[int, typer.Option()] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    minimizer: Annotated[Optional[list[str]], typer.Option(
+        help="Minimizer to time beside sgd (repeatable); default: every registered one.")] = None,
     peer: Annotated[bool, typer.Option(help="Also time pytorch-optimizer's SAM (pip install "
                                             "'sambench[peer]').")] = False,
     results_dir: Annotated[str, typer.Option(help="Appends to <results-dir>/perf.csv.")] = "results",
 ):
-    """Time SGD, SAM and ASAM steps side by side (interleaved, same model and batch) on one device."""
+    """Time SGD and every minimizer side by side (interleaved, same model and batch) on one device."""
     from bench.engine import resolve_device
     from bench.perf import append_perf_rows, format_table, measure
     from bench.registry import get_task
@@ -360,7 +363,7 @@ def perf_cmd(
         dev = resolve_device(device)
         opts = t.recipe(model).get("minimizers", {})
         rows = measure(model, t.num_classes, batch_size, steps, dev, precision=precision, warmup=warmup,
-                       peer=peer, sam_rho=opts.get("sam", {}).get("rho", 0.05),
+                       peer=peer, minimizers=minimizer, options=opts, sam_rho=opts.get("sam", {}).get("rho", 0.05),
                        asam_rho=opts.get("asam", {}).get("rho", 0.5), asam_eta=opts.get("asam", {}).get("eta", 0.01),
                        builder=lambda: t.make_model(model))
         path = append_perf_rows(rows, results_dir)

@@ -8,8 +8,8 @@ counts every forward and backward (the row's passes per step) and does accumulat
 Under torchrun the model is wrapped in DistributedDataParallel. SAM's first pass (forward and backward)
 runs inside `no_sync()`, so each replica perturbs its weights with its own local gradient (the SAM
 paper's m-sharpness, m = per-replica batch); only the second gradient is averaged. With
-`sync_perturbation`, or for a minimizer whose update uses the first gradient (`ascent_sync`: GSAM,
-LookSAM), the first gradient is all-reduced too (m = global batch).
+`sync_perturbation`, or for a minimizer that needs the same first gradient on every replica
+(`ascent_sync`: GSAM, LookSAM, F-SAM), the first gradient is all-reduced too (m = global batch).
 """
 from __future__ import annotations
 
@@ -333,10 +333,11 @@ def train_step(st: TrainState, x, y, autocast):
 
 
 def compute_spent(st: TrainState) -> dict[str, Any]:
-    """The compute a run has spent so far, for epoch logs and rows: `passes`, SGD steps of equal compute
-    (bench.batch.Cost.passes), the examples run forward and backward, steps, fp16's skipped steps."""
-    c, batch = st.cost, st.cfg.per_replica_batch
-    out = {"passes": c.passes(batch), "fwd_examples": c.fwd, "bwd_examples": c.bwd, "steps": c.steps,
+    """The compute a run has spent so far, for epoch logs: `passes`, SGD steps of equal compute
+    (bench.batch.Cost.passes), the examples run forward and backward, steps, wall seconds of training,
+    fp16's skipped steps."""
+    c = st.cost
+    out = {"passes": c.passes(), "fwd_examples": c.fwd_examples, "bwd_examples": c.bwd_examples, "steps": c.steps,
            "wall_s": st.train_time}
     if st.minimizer.scaler is not None:
         out["skipped_steps"] = st.minimizer.scaler.skipped
@@ -392,9 +393,9 @@ def summarize(st: TrainState) -> dict[str, Any]:
 
 def per_step(st: TrainState) -> dict[str, Any]:
     """The row's cost figures: passes (and forward / backward examples) per step in batches, in all."""
-    c, batch, steps = st.cost, st.cfg.per_replica_batch, max(st.cost.steps, 1)
-    out = {"passes_per_step": c.passes(batch) / steps, "fwd_per_step": c.fwd / batch / steps,
-           "bwd_per_step": c.bwd / batch / steps, "passes_total": c.passes(batch), "steps": c.steps}
+    c, steps = st.cost, max(st.cost.steps, 1)
+    out = {"passes_per_step": c.passes() / steps, "fwd_per_step": c.fwd / steps, "bwd_per_step": c.bwd / steps,
+           "passes_total": c.passes(), "steps": c.steps}
     if st.minimizer.scaler is not None:
         out["skipped_steps"] = st.minimizer.scaler.skipped
     return out

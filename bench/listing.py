@@ -29,7 +29,8 @@ def minimizer_lines() -> list[str]:
     for name, cls in MINIMIZERS.items():
         lines.append(f"  [bold]{name}[/]  {cls.passes:g} passes/step nominal; {cls.citation}")
         for f in fields(cls.Hparams):
-            lines.append(f"    {f.name}={f.default!r:<8} {describe_range(f)}: {f.metadata.get('help', '')}")
+            setting = f"{f.name}={f.default!r}"
+            lines.append(f"    {setting:<20} {describe_range(f)}: {f.metadata.get('help', '')}")
     return lines
 
 

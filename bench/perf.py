@@ -11,14 +11,19 @@ so that whatever the machine does (clock changes, other processes, thermal state
 alike. `pass` is one plain forward + backward (the closure) and a zero_grad, on its own copy of the model,
 never stepped: the price of one pass.
 
-Each step is the real `minimizer.step(closure)` of training (SGD: `bench.minimizers.Minimizer`, the base
-step; SAM/ASAM: `bench.minimizers`; the peer: pytorch-optimizer's `SAM.step`), timed as a whole. The
-closure also records a mark when it starts and ends, which splits the step into its passes and what lies
-between them: for SAM/ASAM `ascent_step()` (after the first pass) and `descent_step()` (after the second:
-restore the weights, base step, zero_grad); for SGD the base step and zero_grad. Hence per minimizer
+Each step is the real `minimizer.step(batch)` of training (SGD: `bench.minimizers.Minimizer`, the base
+step; SAM, ASAM and the variants: `bench.minimizers`; the peer: pytorch-optimizer's `SAM.step`) on the
+engine's own `bench.batch.Batch`, timed as a whole. The batch also records a mark when each pass starts and
+ends, which splits the step into its passes and what lies between them: for SAM/ASAM `ascent_step()`
+(after the first pass) and `descent_step()` (after the second: restore the weights, base step, zero_grad);
+for SGD the base step and zero_grad. `passes` is what the batch counted per step (bench.batch.Cost: a
+forward alone counts 1/3, a pass over part of the batch its share; LookSAM's average over its cycle needs
+a multiple of k steps). Hence per minimizer
 
     ms_median, ms_p10, ms_p90   step time: median and spread over the timed steps
     ratio_to_sgd                ms_median / ms_median of sgd (sgd: 1.0)
+    ms_mean, mean_ratio_to_sgd  the mean step time and its ratio to sgd's mean: the cost of a minimizer whose
+                                steps differ (LookSAM: one SAM step in k), where the median is one kind's
     images_per_s                batch_size / ms_median
     pass_ms                     median time of the plain forward + backward (the `pass` entries)
     opt_ms                      median time spent outside the passes (ascent + descent, or base step)
@@ -61,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.batch import Batch, Cost
 from bench.errors import UserError
 from bench.minimizers import MINIMIZERS, create_minimizer
 
@@ -71,7 +77,7 @@ BASE_SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 PEER_HINT = "pip install pytorch-optimizer (or: pip install 'sambench[peer]')"
 
 COLUMNS = ["minimizer", "impl", "model", "batch_size", "steps", "warmup", "precision", "device_name",
-           "ms_median", "ms_p10", "ms_p90", "ratio_to_sgd", "images_per_s", "passes", "pass_ms", "opt_ms",
+           "ms_median", "ms_p10", "ms_p90", "ratio_to_sgd", "ms_mean", "mean_ratio_to_sgd", "images_per_s", "passes", "pass_ms", "opt_ms",
            "minimizer_ms", "overhead_ms", "overhead_pct", "peak_mem_mb", "param_mb", "rho", "eta", "seed",
            "torch_version"]
 
@@ -122,9 +128,10 @@ class Contestant:
     impl: str
     model: nn.Module
     step: Callable[[Callable[[], Any]], Any]
-    passes: int
+    passes: float                 # nominal; the row's `passes` is what the steps' batches counted (Cost)
     hparams: dict = field(default_factory=dict)
     optimizer: Any = None
+    cost: Cost = field(default_factory=Cost)
 
 
 def import_peer():
@@ -205,11 +212,26 @@ def autocast_for(device: torch.device, precision: str):
 
 # -- the timed rounds --------------------------------------------------------------------------------------
 
+class TimedBatch(Batch):
+    """The engine's batch (bench.batch), with a timer mark before and after every pass a minimizer runs."""
+
+    def __init__(self, *args, marks: list, timer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.marks, self.timer = marks, timer
+
+    def __call__(self, *args, **kwargs):
+        self.marks.append(self.timer.mark())
+        out = super().__call__(*args, **kwargs)
+        self.marks.append(self.timer.mark())
+        return out
+
+
 def run_rounds(contestants: Sequence[Contestant], x: torch.Tensor, y: torch.Tensor, rounds: int, timer,
                precision: str = "fp32", trace: list | None = None) -> dict[str, list[list]]:
-    """`rounds` rounds; in each, every contestant in order does one step. Returns per contestant the marks
-    of each step: [start, (closure start, closure end) per pass, end]. Marks are timer-specific (CUDA
-    events must be read after timer.sync()). `trace`, if given, receives (round, name) in execution order."""
+    """`rounds` rounds; in each, every contestant in order does one step on the engine's Batch of (x, y)
+    (cross entropy). Returns per contestant the marks of each step: [start, (pass start, pass end) per pass,
+    end]. Marks are timer-specific (CUDA events must be read after timer.sync()). `trace`, if given,
+    receives (round, name) in execution order."""
     autocast = autocast_for(x.device, precision)
     marks: dict[str, list[list]] = {c.name: [] for c in contestants}
     for r in range(rounds):
@@ -217,17 +239,9 @@ def run_rounds(contestants: Sequence[Contestant], x: torch.Tensor, y: torch.Tens
             if trace is not None:
                 trace.append((r, c.name))
             m = [timer.mark()]
-            model = c.model
-
-            def closure(model=model, m=m):
-                m.append(timer.mark())
-                with autocast():
-                    loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                m.append(timer.mark())
-                return loss.detach()
-
-            c.step(closure)
+            c.cost.steps += 1
+            c.step(TimedBatch(c.model, c.model, x, y, nn.functional.cross_entropy, cost=c.cost, autocast=autocast,
+                              marks=m, timer=timer))
             m.append(timer.mark())
             marks[c.name].append(m)
     return marks
@@ -259,6 +273,7 @@ def summarize(timings: dict[str, list[StepTiming]], passes: dict[str, int], batc
     """The numbers of the module docstring, per contestant other than "pass", from per-step timings."""
     pass_ms = percentile([t.step_ms for t in timings[PASS]], 50) if PASS in timings else None
     med = {n: percentile([t.step_ms for t in ts], 50) for n, ts in timings.items()}
+    mean = {n: float(np.mean([t.step_ms for t in ts])) for n, ts in timings.items()}
     opt = {n: percentile([t.opt_ms for t in ts], 50) for n, ts in timings.items()}
     out = {}
     for name, ts in timings.items():
@@ -271,6 +286,8 @@ def summarize(timings: dict[str, list[StepTiming]], passes: dict[str, int], batc
             "ms_p10": percentile(steps, 10),
             "ms_p90": percentile(steps, 90),
             "ratio_to_sgd": med[name] / med["sgd"] if "sgd" in med else None,
+            "ms_mean": mean[name],
+            "mean_ratio_to_sgd": mean[name] / mean["sgd"] if "sgd" in mean else None,
             "images_per_s": batch_size * 1e3 / med[name] if med[name] > 0 else None,
             "passes": passes[name],
             "pass_ms": pass_ms,
@@ -309,14 +326,16 @@ def peak_memory_mb(initial: nn.Module, name: str, hparams: dict | None, x, y, de
 # -- the entry point ---------------------------------------------------------------------------------------
 
 def measure(model_name: str, num_classes: int, batch_size: int, steps: int, device: torch.device | str,
-            precision: str = "fp32", minimizers: Iterable[str] = ("sgd", "sam", "asam"),
+            precision: str = "fp32", minimizers: Iterable[str] | None = ("sgd", "sam", "asam"),
             sam_rho: float = 0.05, asam_rho: float = 0.5, asam_eta: float = 0.01, warmup: int = 3,
             peer: bool = False, seed: int = 0, memory_steps: int = 2, timer=None,
-            trace: list | None = None, builder: Callable[[], nn.Module] | None = None) -> list[dict]:
+            trace: list | None = None, builder: Callable[[], nn.Module] | None = None,
+            options: dict[str, dict] | None = None) -> list[dict]:
     """Time `steps` interleaved steps of each minimizer (plus the plain pass) after `warmup` untimed
     rounds; one row per minimizer (sgd first, always measured: it is the reference), the peer last.
 
-    sam_rho: SAM's (and the peer's) rho; asam_rho, asam_eta: ASAM's. `timer` replaces the device's timer
+    `minimizers`: None for every registered one. sam_rho: SAM's (and the peer's) rho; asam_rho, asam_eta:
+    ASAM's; `options`: the other minimizers' options ({name: {option: value}}, their defaults otherwise). `timer` replaces the device's timer
     (tests); `trace` receives (round, name) of every step run, warm-up included. `builder()` makes the
     model (the CLI passes the task's `make_model(model_name)`)."""
     if builder is None:
@@ -331,14 +350,15 @@ def measure(model_name: str, num_classes: int, batch_size: int, steps: int, devi
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"bf16 is not supported on {torch.cuda.get_device_name(device)}; use --precision fp32")
     known = ["sgd", *MINIMIZERS]
-    names = ["sgd"] + [m for m in dict.fromkeys(minimizers) if m != "sgd"]
+    names = ["sgd"] + [m for m in dict.fromkeys(minimizers or MINIMIZERS) if m != "sgd"]
     unknown = [m for m in names if m not in known]
     if unknown:
         raise UserError(f"unknown minimizer {unknown[0]!r}; choose from {', '.join(known)}")
     if peer:
         import_peer()  # fail before any work
         names.append(PEER)
-    hparams = {"sam": {"rho": sam_rho}, "asam": {"rho": asam_rho, "eta": asam_eta}, PEER: {"rho": sam_rho}}
+    hparams = {**{n: dict(o) for n, o in (options or {}).items()},
+               "sam": {"rho": sam_rho}, "asam": {"rho": asam_rho, "eta": asam_eta}, PEER: {"rho": sam_rho}}
 
     from bench.engine import device_name as describe  # late: keeps `import bench.perf` light
     dev_name = describe(device)
@@ -354,7 +374,7 @@ def measure(model_name: str, num_classes: int, batch_size: int, steps: int, devi
         timer.sync()
         timings = {n: [to_timings(m, timer) for m in ms] for n, ms in marks.items()}
         info = {c.name: (c.impl, c.hparams) for c in contestants}
-        stats = summarize(timings, {c.name: c.passes for c in contestants}, batch_size)
+        stats = summarize(timings, {c.name: c.cost.passes() / c.cost.steps for c in contestants}, batch_size)
         del contestants, marks  # free every model before the memory measurements
         peaks = {n: None for n in names}
         if device.type == "cuda" and memory_steps > 0:
@@ -405,6 +425,7 @@ def format_table(rows: Sequence[dict]) -> str:
     caption = ", ".join(f"{k} {rows[0].get(k)}" for k in constant)
     cols = [(k, k) for k in shared if k not in constant] + [
         ("minimizer", "minimizer"), ("ms/step", "ms_median"), ("p10–p90", None), ("× sgd", "ratio_to_sgd"),
+        ("× sgd (mean)", "mean_ratio_to_sgd"), ("passes/step", "passes"),
         ("img/s", "images_per_s"), ("pass ms", "pass_ms"), ("SAM's own ms", "minimizer_ms"),
         ("own %", "overhead_pct"), ("step − passes ms", "overhead_ms"), ("peak MB", "peak_mem_mb"),
         ("params MB", "param_mb")]
@@ -414,7 +435,7 @@ def format_table(rows: Sequence[dict]) -> str:
         for header, key in cols:
             if key is None:
                 cells.append(f"{_fmt(r.get('ms_p10'))}–{_fmt(r.get('ms_p90'))}")
-            elif key == "ratio_to_sgd":
+            elif key in ("ratio_to_sgd", "mean_ratio_to_sgd"):
                 cells.append(_fmt(r.get(key), 3))
             elif key == "images_per_s":
                 cells.append(_fmt(r.get(key), 0))

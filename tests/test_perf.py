@@ -249,7 +249,14 @@ def test_bench_perf_command(tmp_path):
     assert r.exit_code == 0, r.output
     with open(tmp_path / "perf.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [row["minimizer"] for row in rows] == ["sgd", "sam", "asam"] and float(rows[0]["ratio_to_sgd"]) == 1.0
+    from bench.minimizers import MINIMIZERS
+    assert [row["minimizer"] for row in rows] == ["sgd", *MINIMIZERS] and float(rows[0]["ratio_to_sgd"]) == 1.0
     assert all(row["device_name"] and row["git_commit"] for row in rows)
+    passes = {row["minimizer"]: float(row["passes"]) for row in rows}  # counted by the batch, one step each
+    assert (passes["sgd"], passes["sam"], passes["looksam"]) == (1.0, 2.0, 2.0)
+    assert passes["esam"] == pytest.approx(1 + 1 / 3 + 0.5)
+    r = CliRunner().invoke(app, ["perf", "--model", "resnet20", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                                 "--device", "cpu", "--results-dir", str(tmp_path), "--minimizer", "gsam"])
+    assert r.exit_code == 0 and "| gsam |" in r.output and "| sam |" not in r.output
     r = CliRunner().invoke(app, ["perf", "--model", "gpt5", "--device", "cpu"])
     assert r.exit_code == 2 and "unknown model 'gpt5'" in r.output

@@ -60,6 +60,8 @@ def option(default, help: str, *, ge=None, gt=None, le=None, lt=None, integer: b
 
 def describe_range(f: dataclasses.Field) -> str:
     m = f.metadata
+    if isinstance(f.default, bool):
+        return "true or false"
     if m.get("choices"):
         return "one of " + ", ".join(map(str, m["choices"]))
     lo = f"[{m['ge']}" if m.get("ge") is not None else f"({m['gt']}" if m.get("gt") is not None else "(-inf"

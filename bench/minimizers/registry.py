@@ -49,5 +49,10 @@ def create_minimizer(name: str, base_optimizer: torch.optim.Optimizer, model: nn
     A name in `base_names` (a task's base optimizer: "sgd", "adam") means the base optimizer alone; any
     other name must be registered: a typo must not silently train without SAM."""
     cls = minimizer_class(name, base_names)
-    accepted = set(inspect.signature(cls.__init__).parameters) | {f.name for f in fields(cls.Hparams)}
+    # every named argument of the __init__s along the class's MRO: a subclass written with **kwargs still
+    # receives what its parents take (bn_second_pass, clip_norm, the fp16 scaler)
+    accepted = {f.name for f in fields(cls.Hparams)}
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            accepted |= set(inspect.signature(klass.__init__).parameters)
     return cls(base_optimizer, model, **{k: v for k, v in hparams.items() if k in accepted})
