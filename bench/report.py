@@ -12,7 +12,10 @@ Like beside like, because a reader takes a cell for "this recipe, over seeds":
   how fast a run went (device, workers, loader, compile, ...) is not a setting and separates nothing.
 - A table shows the plans of every given preset it has, one section per preset when it has several. The
   papers' figures and the difference to them stand only beside cells of the `full` preset (the papers'
-  recipes); a smoke or demo cell has nothing to be compared with.
+  recipes) of a paper with published cells; a smoke or demo cell, or a table of no paper (variants), has
+  nothing to be compared with.
+- Every table section ends with its equal-compute view (bench.report_compute): per cell, each minimizer
+  against the SGD run of its seed at SGD's compute, from the epoch logs; a PNG per cell beside the report.
 - Every other run is still shown, under "Other runs": one line per exact setting (its seeds averaged),
   saying in which settings it differs from the planned run of the same task/model/minimizer/noise, else
   from the closest planned run of its task (fewest differing settings). Runs of tasks no plan covers are
@@ -31,12 +34,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
 from bench.cells import Plans, match_plans, pct, presets
 from bench.errors import UserError
+from bench.report_compute import cell_views, compute_view, labels, plot_compute
 from bench.report_tables import DASH, MARKS, TARGET_KEY, figures, md_table, ours, table_section
 from bench.tables import NAMES, layout, load_tables, metrics, models, tasks
 
@@ -46,6 +50,7 @@ TARGET_COLUMNS = [*TARGET_KEY, "mean"]
 TARGET_OPTIONAL = ["spread", "spread_kind", "confidence", "source"]
 ORDER = ["sgd", "adam", "sam", "asam"]  # plot legend order; table columns follow tables.toml
 MAX_PLOTS = 12
+MAX_COMPUTE_PLOTS = 24  # accuracy-vs-compute plots: one per cell
 
 
 def _read_csv(path: Path, what: str, required: list[str], **kw: Any) -> pd.DataFrame | None:
@@ -148,6 +153,16 @@ def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, pl
                                                f"{'are' if len(others) > 1 else 'is'} under Other runs."
                                                if len(others) else "."), ""]
     figs = figures(targets)
+    for t, lay, preset, part, fake, suffix in _sections(results, tables, plans):
+        out += table_section(t, lay, part, figs, synthetic=fake, preset=preset, suffix=suffix)
+        out += compute_view(t, lay, preset, part, results.attrs.get("results_dir"))
+    out += _other_section(others, tables, plans) + _failed_section(results)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _sections(results: pd.DataFrame, tables: dict, plans: Plans) -> Iterator[tuple]:
+    """(table, layout, preset, its runs, synthetic, heading suffix) of every table section the report
+    prints: per table, each given preset it has, real-data runs then synthetic ones, where there are runs."""
     for name, t in tables.items():
         given = [p for p in plans.get(name, {}) if p in t.get("presets", {})]  # plans of this tables file
         for preset in given:
@@ -156,10 +171,7 @@ def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, pl
             for fake in (False, True):
                 part = runs[runs["synthetic"] == fake]
                 if len(part):
-                    out += table_section(t, layout(name, t, preset), part, figs, synthetic=fake, preset=preset,
-                                          suffix=suffix)
-    out += _other_section(others, tables, plans) + _failed_section(results)
-    return "\n".join(out).rstrip() + "\n"
+                    yield t, layout(name, t, preset), preset, part, fake, suffix
 
 
 def _names(names: list[str]) -> str:
@@ -324,5 +336,35 @@ def write_report(results_dir: str | Path, out_path: str | Path, targets_path: st
     missing = [f"- {t} / {m}: no epoch logs" for t, m in plots or [] if (t, m) not in {g[:2] for g in made}]
     if links or missing:
         md += "\n## Curves\n\n" + "\n".join(links + missing).rstrip() + "\n"
+    md += _compute_plots(results_dir, results, tables, plans, out, plots)
     _atomic(out, lambda tmp: tmp.write_text(md, encoding="utf-8"))
     return md
+
+
+def _compute_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, plans: Plans, out: Path,
+                   plots: list | None) -> str:
+    """Accuracy against compute, one PNG per cell of a table section with compute logs (those of `plots`'
+    task/model pairs when given; at most MAX_COMPUTE_PLOTS), beside the report; their markdown links."""
+    links, made, left = [], 0, 0
+    wanted = None if plots is None else {tuple(p) for p in plots}
+    for t, lay, preset, part, fake, suffix in _sections(results, tables, plans):
+        for view in cell_views(t, lay, preset, part, results_dir):
+            if wanted is not None and (view.task, view.model) not in wanted:
+                continue
+            if made >= MAX_COMPUTE_PLOTS:
+                left += 1
+                continue
+            made += 1
+            cell = " / ".join(x for x in labels(t, lay, view) if x)
+            parts = [out.stem, "compute", lay.name, preset, view.task, view.row, view.variant, "synthetic" * fake]
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)) + ".png"
+            plot_compute(view, f"{lay.name}: {cell}" + (" (synthetic data)" if fake else ""),
+                         lambda fig: _atomic(out.with_name(name), lambda tmp: fig.savefig(tmp, format="png", dpi=110)))
+            what = f"{lay.name}{suffix}: {cell}" + (" — synthetic data" if fake else "")
+            links += [f"### {what}", "", f"![{what}]({name})", ""]
+    if left:
+        links.append(f"{left} more cell{'s' * (left > 1)} not plotted (at most {MAX_COMPUTE_PLOTS}; "
+                     "choose with --plot TASK:MODEL).")
+    head = ["## Accuracy vs compute", "", "Mean test accuracy over seeds against cumulative passes (a forward alone "
+            "counting 1/3), one line per minimizer; dashed: SGD's total compute.", ""]
+    return "\n" + "\n".join(head + links).rstrip() + "\n" if links else ""

@@ -103,7 +103,9 @@ def _header(t: dict, lay: Layout, split: bool, with_paper: bool) -> list[str]:
 def table_section(t: dict, lay: Layout, runs: pd.DataFrame, figs: dict, synthetic: bool,
                   preset: str = PAPER_PRESET, suffix: str = "") -> list[str]:
     """One table under one preset: rows x variants down, tasks x minimizers across (ours, paper, Δ)."""
-    with_paper = not synthetic and t.get("paper") != "demo" and preset == PAPER_PRESET
+    # The paper's figures stand beside full-preset cells of a paper that has published cells (the demos and
+    # the variants table have none: ours alone, no empty paper column).
+    with_paper = not synthetic and preset == PAPER_PRESET and any(k[0] == t.get("paper", "") for k in figs)
     out = [f"## {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""] + ([lay.note, ""] if lay.note else [])
     split = len(lay.variants) > 1 or bool(lay.variants[0]["label"])  # a variant column, as SAM Table 1
     mets = metrics(t)

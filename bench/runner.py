@@ -10,6 +10,7 @@ import torch
 from bench import distributed as D
 from typing import Any
 
+from bench.compute import base_final_acc, target_fields
 from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
 from bench.engine import Reporter, StopFlag, device_name, resolve_device, seed_everything, train
 from bench.errors import UserError
@@ -128,17 +129,31 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
     if summary["resumed_from"]:
         log(f"resumed after epoch {summary['resumed_from']} of {cfg.epochs}")
 
-    summary.pop("epochs")  # already in runs/<run_id>/epochs.csv
+    history = summary.pop("epochs")  # already in runs/<run_id>/epochs.csv
     row: dict[str, Any] = {"run_id": cfg.run_id, "status": summary.pop("status"),
                            "synthetic": job.synthetic, **cfg.to_row(), **job.info,
                            "per_replica_batch": cfg.per_replica_batch, "global_batch": cfg.batch_size,
                            **summary, "wall_time_s": wall, **provenance(device_name(device))}
+    if "test_acc" in job.track and D.is_main():
+        row.update(target_fields(history, accuracy_target(cfg, row)))
     if D.is_main():  # only rank 0 writes results
         write_record(cfg.results_dir, row)
         if not keep_checkpoint and ckpt.exists():
             ckpt.unlink()
     D.barrier()
     return row
+
+
+def accuracy_target(cfg: RunConfig, row: dict[str, Any]) -> float | None:
+    """The test accuracy (%) a run's time-to-accuracy is measured at: --target-acc, else the final accuracy
+    of the finished base-optimizer (SGD) run of the same cell and seed (this run, when it is that one). None
+    while that run has not finished: `bench report` works it out from the epoch logs anyway."""
+    if cfg.target_acc > 0:
+        return cfg.target_acc
+    base = get_task(cfg.task).base_optimizer
+    if cfg.minimizer == base:
+        return row.get("final_test_acc") if row["status"] == "ok" else None
+    return base_final_acc(result_rows(cfg.results_dir), row, base)
 
 
 def oom_hint(cfg: RunConfig, error: BaseException) -> str:

@@ -26,7 +26,9 @@ TABLE_KEYS = {"paper", "table", "title", "task", "tasks", "datasets", "rows", "v
               "paper_model", "paper_minimizers", "references", "presets"}
 PRESET_KEYS = {"rows", "variants", "tasks", "seeds", "settings", "synthetic", "note"}
 LINE_META = ("label", "paper_model", "paper_variant")  # a line's keys that are not settings
-NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "adam": "ADAM"}  # how the report heads our columns
+# How the report heads our columns: the papers' own spellings (a minimizer not named here: its name in capitals).
+NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "adam": "ADAM", "gsam": "GSAM", "esam": "ESAM",
+         "looksam": "LookSAM", "fsam": "F-SAM", "samon": "SAM-ON", "sam_adaptive_all": "SAM (adaptive, all)"}
 PLAIN = {"label": ""}  # the one variant of a table without variants
 
 

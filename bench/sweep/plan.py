@@ -3,8 +3,8 @@
 
 Resumable and idempotent: a run whose record (same run id: same settings and seed) already exists with
 status ok/diverged is skipped; an interrupted sweep continues where it stopped; `force` re-runs. Cells that
-need a task, a model or a task setting this checkout does not have yet are left out and said so (a table
-with none left is skipped), so a table can be written before its parts are. The sweep itself:
+need a task, a minimizer, a model or a task setting this checkout does not have yet are left out and said
+so (a table with none left is skipped), so a table can be written before its parts are. The sweep itself:
 bench.sweep.sweeper.
 """
 from __future__ import annotations
@@ -106,11 +106,13 @@ def _cell_runs(cell: Cell, n_seeds: int, doubled: bool, synthetic: bool, where: 
 
 
 def _not_built(cell: Cell) -> str:
-    """Why this checkout cannot run the cell yet ("" if it can): its task, model or a task setting missing.
-    Anything else wrong in a cell's settings is a mistake in the table, and make_config says so."""
+    """Why this checkout cannot run the cell yet ("" if it can): its task, minimizer, model or a task setting
+    missing. Anything else wrong in a cell's settings is a mistake in the table, and make_config says so."""
     if not has_task(cell.task):
         return f"task {cell.task!r} is not built yet"
     task = get_task(cell.task)
+    if cell.minimizer not in task.minimizers():  # e.g. a SAM variant another branch is still writing
+        return f"minimizer {cell.minimizer!r} is not built yet"
     model = cell.settings.get("model") or task.recipe().get("model")
     if not task.has_model(model):
         return f"model {model!r} is not built yet for task {task.name}"

@@ -1,0 +1,254 @@
+"""Equal compute: time to accuracy and accuracy at a compute on hand-made epoch logs (bench.compute), the row's
+target columns (bench.runner), the report's equal-compute view and its plots on a hand-made results folder
+(records and epochs.csv written here, no training), plan matching with minimizer options, and one small sweep
+of the variants table's smoke preset (sgd/sam/asam only) through `bench reproduce` and `bench report`."""
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from bench.cells import ROW, VARIANT, _canon, match_plans
+from bench.compute import acc_at_compute, base_final_acc, read_history, run_history, target_fields, time_to_target
+from bench.report import load_results, load_targets, render_report, write_report
+from bench.tables import load_tables
+from bench.sweep.plan import planned_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ROOT / "tasks" / "tables.toml"
+PNG = b"\x89PNG\r\n\x1a\n"
+HEAD = "paper,table,dataset,model,variant,minimizer,metric,mean\n"
+
+
+def log(accs, passes_per_epoch, wall_per_epoch=1.0, steps_per_epoch=10):
+    """An epoch log as bench.runner writes it: cumulative passes, steps and training seconds."""
+    return [{"epoch": e, "lr": 0.1, "train_loss": 1.0, "test_acc": a, "passes": e * passes_per_epoch,
+             "fwd_examples": 0, "bwd_examples": 0, "steps": e * steps_per_epoch, "wall_s": e * wall_per_epoch}
+            for e, a in enumerate(accs, start=1)]
+
+
+def test_time_to_target_and_accuracy_at_compute():
+    h = log([50.0, 70.0, 65.0], 10.0)
+    assert time_to_target(h, 60.0) == {"target_epoch": 2, "target_wall_s": 2.0, "target_passes": 20.0}
+    assert time_to_target(h, 70.0)["target_epoch"] == 2  # reached means >=
+    assert time_to_target(h, 70.5) == {"target_epoch": None, "target_wall_s": None, "target_passes": None}
+    assert time_to_target(h, None)["target_epoch"] is None and time_to_target(h, float("nan"))["target_epoch"] is None
+    assert acc_at_compute(h, 20.0) == 70.0 and acc_at_compute(h, 29.9) == 70.0 and acc_at_compute(h, 1e9) == 65.0
+    assert acc_at_compute(h, 20.0 - 1e-12) == 70.0  # a float printed and read back is the same compute
+    assert acc_at_compute(h, 9.9) is None  # its first epoch already cost more
+    assert acc_at_compute([{"epoch": 1, "test_acc": 50.0}], 10.0) is None  # a log without compute counts
+    diverged = h[:2] + [{"epoch": 3, "train_loss": float("nan"), "passes": 30.0}]
+    assert acc_at_compute(diverged, 30.0) == 70.0 and time_to_target(diverged, 71.0)["target_epoch"] is None
+    assert target_fields(h, 60.0) == {"target_acc_used": 60.0, "target_epoch": 2, "target_wall_s": 2.0,
+                                      "target_passes": 20.0}
+    assert target_fields(h, None) == dict.fromkeys(["target_acc_used", "target_epoch", "target_wall_s",
+                                                    "target_passes"])
+
+
+def test_read_history_counts_an_epoch_once_and_skips_text(tmp_path):
+    path = tmp_path / "runs" / "r1" / "epochs.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("epoch,test_acc,passes,note\n2,40.0,2.0,x\n1,10.0,1.0,\n2,45.5,2.0,y\n")
+    assert read_history(path) == [{"epoch": 1.0, "test_acc": 10.0, "passes": 1.0},
+                                  {"epoch": 2.0, "test_acc": 45.5, "passes": 2.0}]
+    assert run_history(tmp_path, "r1") == read_history(path)
+    assert run_history(tmp_path, "none") == []
+
+
+def test_row_target_is_the_sgd_run_of_the_same_cell_and_seed(tmp_path):
+    from bench.results import result_rows, write_record
+    from bench.runner import accuracy_target, make_config
+
+    def cfg(minimizer, **kw):
+        return make_config("cifar10", minimizer=minimizer, model="resnet20", epochs=4, results_dir=str(tmp_path), **kw)
+
+    def record(c, status="ok", acc=60.0):
+        row = {"run_id": c.run_id, "status": status, "synthetic": False, **c.to_row(), "final_test_acc": acc}
+        write_record(tmp_path, row)
+        return row
+
+    sam = cfg("sam")
+    mine = {"run_id": sam.run_id, "status": "ok", "synthetic": False, **sam.to_row(), "final_test_acc": 70.0}
+    assert accuracy_target(sam, mine) is None  # no SGD run yet: left empty
+    record(cfg("sgd", seed=1), acc=61.0)  # another seed
+    record(cfg("sgd", lr=0.05), acc=62.0)  # another setting
+    record(cfg("sgd"), status="failed", acc=63.0)
+    assert accuracy_target(sam, mine) is None
+    record(cfg("sgd"), acc=64.0)
+    assert accuracy_target(sam, mine) == 64.0
+    assert accuracy_target(cfg("asam", seed=1), {**mine, **cfg("asam", seed=1).to_row()}) == 61.0
+    assert base_final_acc(result_rows(tmp_path), {**mine, "synthetic": True}, "sgd") is None  # other data
+    assert accuracy_target(cfg("sam", target_acc=55.0), mine) == 55.0  # --target-acc wins
+    sgd = cfg("sgd", seed=2)
+    assert accuracy_target(sgd, {"status": "ok", "final_test_acc": 58.0}) == 58.0  # SGD against itself
+    assert accuracy_target(sgd, {"status": "diverged", "final_test_acc": float("nan")}) is None
+
+
+def test_plan_matching_compares_minimizer_options_as_one_spelling():
+    assert _canon({"b": True, "a": 0.1}) == _canon('{"a": 0.10, "b": true}') == _canon(' {"b": "True", "a": "0.1"}')
+    assert _canon({}) == _canon("{}") and _canon({"a": [1, 2]}) == _canon('{"a": [1.0, "2"]}')
+    assert _canon({"a": 0.1}) != _canon('{"a": 0.2}') and _canon("{not json") == "{not json"
+    plan = {"task": "cifar10", "model": "resnet20", "minimizer": "gsam", "mopts": {"alpha": 0.1, "warm": 3},
+            "seed": 0, ROW: "r", VARIANT: ""}
+    rows = pd.DataFrame([{"run_id": "a", "task": "cifar10", "model": "resnet20", "minimizer": "gsam", "seed": 1,
+                          "mopts": json.dumps({"warm": 3, "alpha": 0.1}, sort_keys=True)},
+                         {"run_id": "b", "task": "cifar10", "model": "resnet20", "minimizer": "gsam", "seed": 0,
+                          "mopts": '{"alpha": 0.3, "warm": 3}'}])
+    got = match_plans(rows, {"t": {"full": [plan]}})
+    assert list(got["planned"]) == [True, False]
+    assert got.loc[1, "differs"] == 'mopts={"alpha": "0.3", "warm": "3"}'
+
+
+# --- the report's equal-compute view on a hand-made results folder ---------------------------------------
+
+PLANS = planned_settings(load_tables(TABLES), ["full"])
+# (task, minimizer, seed) -> test accuracy per epoch; SGD spends 10 passes an epoch, SAM and ASAM 20.
+ACCS = {("cifar10", "sgd", 0): [50.0, 60.0, 70.0, 80.0], ("cifar10", "sgd", 1): [52.0, 62.0, 72.0, 78.0],
+        ("cifar10", "sam", 0): [55.0, 75.0, 85.0, 90.0], ("cifar10", "sam", 1): [50.0, 70.0, 79.0, 88.0],
+        ("cifar10", "asam", 0): [40.0, 60.0, 70.0, 79.0], ("cifar10", "asam", 1): [45.0, 65.0, 75.0, 80.0],
+        ("cifar100", "sgd", 0): [60.0, 70.0], ("cifar100", "sam", 0): [30.0, 65.0], ("cifar100", "sam", 1): [35.0, 66.0]}
+WALL = {"sgd": 1.0, "sam": 2.0, "asam": 2.5}
+
+
+def planned_row(task, minimizer, seed, table="variants", cell=("WRN-28-10", ""), epochs=None):
+    """The results row of a run a table's full plan names (by default a WRN-28-10 cell of variants)."""
+    for s in PLANS[table]["full"]:
+        if (s["task"], s["minimizer"], s[ROW], s[VARIANT]) == (task, minimizer, *cell) and epochs in (None, s["epochs"]):
+            settings = {k: v for k, v in s.items() if k not in (ROW, VARIANT)}
+            settings["mopts"] = json.dumps(settings.get("mopts", {}), sort_keys=True)  # as a CSV holds it
+            return {"run_id": f"{table}-{task}-{minimizer}-s{seed}-{s['epochs']}", "status": "ok", "synthetic": False,
+                    **settings, "seed": seed, "note": ""}
+    raise AssertionError(f"no planned run {table} {task} {minimizer}")
+
+
+def write_run(res, row, accs, passes_per_epoch, wall_per_epoch=1.0):
+    """A run's row (returned, with its accuracies) and its epoch log, written under `res`."""
+    path = res / "runs" / row["run_id"] / "epochs.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(log(accs, passes_per_epoch, wall_per_epoch)).to_csv(path, index=False)
+    return {**row, "max_test_acc": max(accs), "final_test_acc": accs[-1]}
+
+
+@pytest.fixture
+def results(tmp_path):
+    res = tmp_path / "results"
+    rows = [write_run(res, planned_row(task, m, seed), accs, 10.0 if m == "sgd" else 20.0, WALL[m])
+            for (task, m, seed), accs in ACCS.items()]
+    pd.DataFrame(rows).to_csv(res / "cifar.csv", index=False)
+    (tmp_path / "targets.csv").write_text(HEAD)
+    return res
+
+
+def view_rows(md):
+    start = md.index("### Equal compute\n")
+    lines = md[start:].split("\n\n")[1].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_equal_compute_view_numbers(results, tmp_path):
+    md = render_report(load_results(results), load_targets(tmp_path / "targets.csv"), load_tables(TABLES), PLANS)
+    section = md[md.index("## SAM variants"):]
+    assert "(paper)" not in section and "n/a" not in section  # no published cells: ours alone
+    rows = view_rows(section)
+    assert rows[0] == ["dataset", "model", "minimizer", "acc at SGD's compute (%)", "compute to SGD's final acc",
+                       "passes/step", "wall s/epoch", "seeds"]
+    assert rows[2:] == [
+        ["CIFAR-10", "WRN-28-10", "SGD", "79.00", "1.00×", "1.00", "1.00", "2"],
+        ["CIFAR-10", "WRN-28-10", "SAM", "72.50", "1.50×", "2.00", "2.00", "2"],
+        ["CIFAR-10", "WRN-28-10", "ASAM", "62.50", "2.00× (1 of 2)", "2.00", "2.50", "2"],
+        # seed 1 of SAM has no SGD run to be measured against: counted, not compared
+        ["CIFAR-100", "WRN-28-10", "SGD", "70.00", "1.00×", "1.00", "1.00", "1"],
+        ["CIFAR-100", "WRN-28-10", "SAM", "30.00", "not reached", "2.00", "2.00", "2"],
+    ]
+    assert "a forward alone counting 1/3" in section
+
+
+def test_sgd_at_twice_the_epochs_is_a_line_measured_against_sgd_at_the_tables_epochs(tmp_path):
+    res, cell = tmp_path / "results", ("WRN-28-10 (200 epochs)", "Basic")
+    rows = [write_run(res, planned_row("cifar10", "sgd", 0, "sam1", cell, 200), [60.0, 70.0], 10.0),
+            write_run(res, planned_row("cifar10", "sgd", 0, "sam1", cell, 400), [50.0, 65.0, 72.0, 75.0], 10.0),
+            write_run(res, planned_row("cifar10", "sam", 0, "sam1", cell), [55.0, 72.0], 20.0)]
+    pd.DataFrame(rows).to_csv(res / "cifar10.csv", index=False)
+    (tmp_path / "targets.csv").write_text(HEAD)
+    md = render_report(load_results(res), load_targets(tmp_path / "targets.csv"), load_tables(TABLES), PLANS)
+    rows = view_rows(md[md.index("## SAM Table 1"):])
+    assert rows[0][:4] == ["dataset", "model", "augmentation", "minimizer"]
+    assert [r[3:6] for r in rows[2:]] == [["SGD", "70.00", "1.00×"], ["SGD (400 ep)", "65.00", "1.50×"],
+                                          ["SAM", "55.00", "2.00×"]]
+    assert rows[2][:3] == ["CIFAR-10", "WRN-28-10 (200 epochs)", "Basic"]
+
+
+def test_write_report_draws_one_accuracy_vs_compute_plot_per_cell(results, tmp_path):
+    out = tmp_path / "out" / "report.md"
+    md = write_report(results, out, tmp_path / "targets.csv", TABLES, PLANS)
+    names = ["report-compute-variants-full-cifar10-WRN-28-10.png", "report-compute-variants-full-cifar100-WRN-28-10.png"]
+    part = md[md.index("## Accuracy vs compute"):]
+    for name in names:
+        assert (out.parent / name).read_bytes().startswith(PNG)
+        assert f"]({name})" in part
+    assert "### variants: CIFAR-10 / WRN-28-10" in part and "one line per minimizer" in part
+    assert not list(out.parent.glob(".*"))  # written atomically: no temp files left
+    md = write_report(results, out, tmp_path / "targets.csv", TABLES, PLANS, plots=[("cifar10", "resnet20")])
+    assert "## Accuracy vs compute" not in md  # --plot picks the cells too
+
+
+# --- bench reproduce + bench report, end to end ---------------------------------------------------------
+
+def restricted_variants(tmp_path):
+    """tables.toml's variants table with the minimizers this checkout's tests may rely on (the others come
+    from other branches) and smaller synthetic data."""
+    text = TABLES.read_text()
+    start = text.index("\n[variants]\n")
+    end = text.find("\n[", start + 2)
+    table = text[start:] if end < 0 else text[start:end]
+    table, n = re.subn(r"\nminimizers = \[.*\]\n", '\nminimizers = ["sgd", "sam", "asam"]\n', table)
+    assert n == 1
+    table = table.replace("synthetic = [256, 128]", "synthetic = [64, 32]")
+    path = tmp_path / "tables.toml"
+    path.write_text(table)
+    return path
+
+
+def test_reproduce_then_report_shows_the_equal_compute_view(tmp_path, monkeypatch):
+    import bench.registry
+    from bench.cli import app
+    from bench.results import records
+
+    monkeypatch.setattr(bench.registry, "tables_file", lambda: restricted_variants(tmp_path))
+    res = str(tmp_path / "res")
+    r = CliRunner().invoke(app, ["reproduce", "variants", "--preset", "smoke", "--device", "cpu", "--workers", "0",
+                                 "--results-dir", res, "--poll", "0.1"])
+    assert r.exit_code == 0, r.output
+    rows = {x["minimizer"]: x for x in records(res)}
+    assert set(rows) == {"sgd", "sam", "asam"} and {x["status"] for x in rows.values()} == {"ok"}
+    sgd = rows["sgd"]
+    for m in ("sam", "asam"):  # SGD ran first: their rows carry SGD's final accuracy as the target
+        got = rows[m]
+        assert got["target_acc_used"] == sgd["final_test_acc"]
+        assert (got["target_epoch"] is None) == (got["max_test_acc"] < sgd["final_test_acc"])
+        assert got["target_passes"] == time_to_target(run_history(res, got["run_id"]), sgd["final_test_acc"])["target_passes"]
+    r = CliRunner().invoke(app, ["report", "--results-dir", res, "--preset", "smoke"])
+    assert r.exit_code == 0, r.output
+    md = (Path(res) / "report.md").read_text()
+    view = view_rows(md[md.index("## SAM variants"):])
+    assert [v[2] for v in view[2:]] == ["SGD", "SAM", "ASAM"]
+    assert [v[5] for v in view[2:]] == ["1.00", "2.00", "2.00"]  # passes per step
+    assert (Path(res) / "report-compute-variants-smoke-cifar10-ResNet-56-synthetic.png").read_bytes().startswith(PNG)
+
+
+def test_variants_dry_run_plans_the_registered_minimizers(tmp_path):
+    from bench.cli import app
+    from bench.minimizers import MINIMIZERS
+
+    r = CliRunner().invoke(app, ["reproduce", "variants", "--preset", "smoke", "--dry-run", "--results-dir",
+                                 str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    names = ["sgd", "sam", "asam", "gsam", "esam", "looksam", "fsam", "samon", "sam_adaptive_all"]
+    built = [m for m in names if m == "sgd" or m in MINIMIZERS]
+    assert f"variants (cifar10, cifar100): {len(built)} runs" in r.output
+    for m in names:
+        planned = f"resnet20 {m} rho=" in r.output
+        assert planned == (m in built), m
+        assert (f"not planned: minimizer '{m}' is not built yet (1 runs)" in r.output) == (m not in built)
