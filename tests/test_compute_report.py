@@ -196,35 +196,36 @@ def test_write_report_draws_one_accuracy_vs_compute_plot_per_cell(results, tmp_p
 
 # --- bench reproduce + bench report, end to end ---------------------------------------------------------
 
-def restricted_variants(tmp_path):
-    """tables.toml's variants table with the minimizers this checkout's tests may rely on (the others come
-    from other branches) and smaller synthetic data."""
+VARIANTS = ["sgd", "sam", "asam", "gsam", "esam", "looksam", "fsam", "samon", "sam_adaptive_all"]
+
+
+def small_variants(tmp_path):
+    """tables.toml's variants table, every minimizer, on smaller synthetic data."""
     text = TABLES.read_text()
     start = text.index("\n[variants]\n")
     end = text.find("\n[", start + 2)
     table = text[start:] if end < 0 else text[start:end]
-    table, n = re.subn(r"\nminimizers = \[.*\]\n", '\nminimizers = ["sgd", "sam", "asam"]\n', table)
-    assert n == 1
+    assert re.search(r"\nminimizers = \[.*\]\n", table).group(0).count('"') == 2 * len(VARIANTS)
     table = table.replace("synthetic = [256, 128]", "synthetic = [64, 32]")
     path = tmp_path / "tables.toml"
     path.write_text(table)
     return path
 
 
-def test_reproduce_then_report_shows_the_equal_compute_view(tmp_path, monkeypatch):
+def test_every_variant_through_the_smoke_preset_then_the_equal_compute_view(tmp_path, monkeypatch):
     import bench.registry
     from bench.cli import app
     from bench.results import records
 
-    monkeypatch.setattr(bench.registry, "tables_file", lambda: restricted_variants(tmp_path))
+    monkeypatch.setattr(bench.registry, "tables_file", lambda: small_variants(tmp_path))
     res = str(tmp_path / "res")
     r = CliRunner().invoke(app, ["reproduce", "variants", "--preset", "smoke", "--device", "cpu", "--workers", "0",
                                  "--results-dir", res, "--poll", "0.1"])
     assert r.exit_code == 0, r.output
     rows = {x["minimizer"]: x for x in records(res)}
-    assert set(rows) == {"sgd", "sam", "asam"} and {x["status"] for x in rows.values()} == {"ok"}
+    assert set(rows) == set(VARIANTS) and {x["status"] for x in rows.values()} == {"ok"}
     sgd = rows["sgd"]
-    for m in ("sam", "asam"):  # SGD ran first: their rows carry SGD's final accuracy as the target
+    for m in VARIANTS[1:]:  # SGD ran first: their rows carry SGD's final accuracy as the target
         got = rows[m]
         assert got["target_acc_used"] == sgd["final_test_acc"]
         assert (got["target_epoch"] is None) == (got["max_test_acc"] < sgd["final_test_acc"])
@@ -233,22 +234,22 @@ def test_reproduce_then_report_shows_the_equal_compute_view(tmp_path, monkeypatc
     assert r.exit_code == 0, r.output
     md = (Path(res) / "report.md").read_text()
     view = view_rows(md[md.index("## SAM variants"):])
-    assert [v[2] for v in view[2:]] == ["SGD", "SAM", "ASAM"]
-    assert [v[5] for v in view[2:]] == ["1.00", "2.00", "2.00"]  # passes per step
+    assert [v[2] for v in view[2:]] == ["SGD", "SAM", "ASAM", "GSAM", "ESAM", "LookSAM", "F-SAM", "SAM-ON",
+                                        "SAM (adaptive, all)"]
+    # passes per step as the batches counted them: ESAM 1 + 1/3 + 1/2; LookSAM, k = 5, 8 steps: 2 SAM steps
+    assert [v[5] for v in view[2:]] == ["1.00", "2.00", "2.00", "2.00", "1.83", "1.25", "2.00", "2.00", "2.00"]
     assert (Path(res) / "report-compute-variants-smoke-cifar10-ResNet-56-synthetic.png").read_bytes().startswith(PNG)
 
 
-def test_variants_dry_run_plans_the_registered_minimizers(tmp_path):
+def test_variants_dry_run_plans_every_minimizer(tmp_path):
     from bench.cli import app
     from bench.minimizers import MINIMIZERS
 
+    assert set(VARIANTS[1:]) == set(MINIMIZERS)  # a new minimizer joins the variants table
     r = CliRunner().invoke(app, ["reproduce", "variants", "--preset", "smoke", "--dry-run", "--results-dir",
                                  str(tmp_path)])
     assert r.exit_code == 0, r.output
-    names = ["sgd", "sam", "asam", "gsam", "esam", "looksam", "fsam", "samon", "sam_adaptive_all"]
-    built = [m for m in names if m == "sgd" or m in MINIMIZERS]
-    assert f"variants (cifar10, cifar100): {len(built)} runs" in r.output
-    for m in names:
-        planned = f"resnet20 {m} rho=" in r.output
-        assert planned == (m in built), m
-        assert (f"not planned: minimizer '{m}' is not built yet (1 runs)" in r.output) == (m not in built)
+    assert f"variants (cifar10, cifar100): {len(VARIANTS)} runs" in r.output
+    for m in VARIANTS:
+        assert f"resnet20 {m} rho=" in r.output, m
+    assert "not built yet" not in r.output
