@@ -108,11 +108,8 @@ class ESAM(SAM):
     supports_chunks = False
     citation = "Du et al., ICLR 2022 (arXiv 2110.03141); code: dydjw9/Efficient_SAM"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, bn_second_pass: str = "update",
-                 second_pass_rng: str = "fresh", clip_norm: float = 0.0, scaler=None, **options):
-        # every argument spelled out: create_minimizer passes only what the signature names
-        super().__init__(base_optimizer, model, bn_second_pass=bn_second_pass, second_pass_rng=second_pass_rng,
-                         clip_norm=clip_norm, scaler=scaler, **options)
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
+        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
         if self.second_pass_rng != "fresh":
             raise OptionError("minimizer esam: second_pass_rng='reuse' is not supported (its second pass runs a "
                               "subset of the batch, so the first pass's dropout masks cannot be replayed)")
@@ -121,9 +118,7 @@ class ESAM(SAM):
     @torch.no_grad()
     def ascent_step(self) -> None:
         """After the first backward: w += e on the tensors SWP keeps, then clear every gradient."""
-        if self._perturbed:
-            raise RuntimeError("ascent_step() called twice without descent_step()")
-        _, params = self._with_grad()
+        _, params = self.ascent_params()
         if not params:
             return
         kept = [p for p, keep in zip(params, swp_mask(len(params), self.beta)) if keep]

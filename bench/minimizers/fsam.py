@@ -66,18 +66,14 @@ class FSAM(SAM):
     supports_chunks = False
     citation = "Li et al., CVPR 2024 (arXiv 2403.12350); code: nblt/F-SAM"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, bn_second_pass: str = "update",
-                 second_pass_rng: str = "fresh", clip_norm: float = 0.0, scaler=None, **options):
-        super().__init__(base_optimizer, model, bn_second_pass=bn_second_pass, second_pass_rng=second_pass_rng,
-                         clip_norm=clip_norm, scaler=scaler, **options)
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
+        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
         self._m: dict[torch.Tensor, torch.Tensor] = {}  # the EMA of first gradients, by parameter
 
     @torch.no_grad()
     def ascent_step(self) -> None:
         """After the first backward: d (in the gradient buffers), m updated, w += rho d / (||d|| + 1e-12)."""
-        if self._perturbed:
-            raise RuntimeError("ascent_step() called twice without descent_step()")
-        _, params = self._with_grad()
+        _, params = self.ascent_params()
         if not params:
             return
         old = [p for p in params if p in self._m]

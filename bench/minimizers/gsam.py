@@ -91,10 +91,8 @@ class GSAM(SAM):
     supports_chunks = False
     citation = "Zhuang et al., ICLR 2022 (arXiv 2203.08065); code: juntang-zhuang/GSAM, google-research/big_vision"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, bn_second_pass: str = "update",
-                 second_pass_rng: str = "fresh", clip_norm: float = 0.0, scaler=None, **options):
-        super().__init__(base_optimizer, model, bn_second_pass=bn_second_pass, second_pass_rng=second_pass_rng,
-                         clip_norm=clip_norm, scaler=scaler, **options)
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
+        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
         self._lr0 = float(base_optimizer.param_groups[0]["lr"])  # lr_max when no scheduler sets "initial_lr"
         if self.lr_min > self._lr0:
             raise OptionError(f"minimizer GSAM: lr_min={self.lr_min!r} is above the learning rate {self._lr0!r}; "
@@ -117,17 +115,7 @@ class GSAM(SAM):
     @torch.no_grad()
     def ascent_step(self) -> None:
         """After the first backward: keep g, w += rho_t g / (||g|| + 1e-12), clear the gradients."""
-        if self._perturbed:
-            raise RuntimeError("ascent_step() called twice without descent_step()")
-        _, params = self._with_grad()
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        e = torch._foreach_mul(grads, self.radius() / (global_norm(grads) + PERTURB_EPS))
-        self.perturb(params, e)
-        self._clean, self._clean_params = grads, params
-        for p in params:
-            p.grad = None
+        _, self._clean_params, self._clean = self.perturb_keeping_gradient(PERTURB_EPS)
 
     @torch.no_grad()
     def decompose(self) -> None:

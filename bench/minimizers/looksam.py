@@ -75,10 +75,8 @@ class LookSAM(SAM):
     supports_chunks = False
     citation = "Liu et al., CVPR 2022 (arXiv 2203.02714); no official code (from the paper's Algorithm 1)"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, bn_second_pass: str = "update",
-                 second_pass_rng: str = "fresh", clip_norm: float = 0.0, scaler=None, **options):
-        super().__init__(base_optimizer, model, bn_second_pass=bn_second_pass, second_pass_rng=second_pass_rng,
-                         clip_norm=clip_norm, scaler=scaler, **options)
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
+        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
         self._t = 0                                  # steps taken (step() calls)
         self._gv: dict[str, torch.Tensor] = {}       # g_v by parameter name; empty until the first SAM step
         self._clean: list[torch.Tensor] = []         # g of the running SAM step
@@ -112,17 +110,7 @@ class LookSAM(SAM):
     @torch.no_grad()
     def ascent_step(self) -> None:
         """After the first backward: keep g, w += rho g / (||g|| + 1e-16), clear the gradients."""
-        if self._perturbed:
-            raise RuntimeError("ascent_step() called twice without descent_step()")
-        names, params = self._with_grad()
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        e = torch._foreach_mul(grads, self.radius() / (global_norm(grads) + EPS))
-        self.perturb(params, e)
-        self._clean, self._clean_names, self._clean_params = grads, names, params
-        for p in params:
-            p.grad = None
+        self._clean_names, self._clean_params, self._clean = self.perturb_keeping_gradient(EPS)
 
     @torch.no_grad()
     def record(self) -> None:

@@ -77,12 +77,29 @@ class SAM(Minimizer):
         grads = [p.grad for p in params]
         return grads, global_norm(grads)
 
+    def ascent_params(self) -> tuple[list[str], list[torch.Tensor]]:
+        """(names, parameters) with a gradient, for an ascent; an ascent before the last one's descent is a bug."""
+        if self._perturbed:
+            raise RuntimeError("ascent_step() called twice without descent_step()")
+        return self._with_grad()
+
+    @torch.no_grad()
+    def perturb_keeping_gradient(self, eps: float = EPS) -> tuple[list[str], list, list]:
+        """w += radius * g / (||g|| + eps) without touching g, which is handed back (names, params, g) for
+        an update that uses it (GSAM, LookSAM); the parameters' .grad is cleared for the next pass."""
+        names, params = self.ascent_params()
+        if not params:
+            return [], [], []
+        grads = [p.grad for p in params]
+        self.perturb(params, torch._foreach_mul(grads, self.radius() / (global_norm(grads) + eps)))
+        for p in params:
+            p.grad = None
+        return names, params, grads
+
     @torch.no_grad()
     def ascent_step(self) -> None:
         """After the first backward: w += e, then clear the gradients."""
-        if self._perturbed:
-            raise RuntimeError("ascent_step() called twice without descent_step()")
-        names, params = self._with_grad()
+        names, params = self.ascent_params()
         if not params:
             return
         direction, norm = self._scaled_grads(names, params)

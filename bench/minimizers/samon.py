@@ -79,11 +79,8 @@ class SAMON(SAM):
     Hparams = SAMONHparams
     citation = "Mueller et al., NeurIPS 2023 (arXiv 2306.04226); code: mueller-mp/SAM-ON"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, bn_second_pass: str = "update",
-                 second_pass_rng: str = "fresh", clip_norm: float = 0.0, scaler=None, **options):
-        # every argument spelled out: create_minimizer passes only what the signature names
-        super().__init__(base_optimizer, model, bn_second_pass=bn_second_pass, second_pass_rng=second_pass_rng,
-                         clip_norm=clip_norm, scaler=scaler, **options)
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
+        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
         self._norm, self._norm_weights = norm_parameters(model)
         if not self._norm:
             raise UserError("minimizer samon: this model has no normalisation layer with parameters (BatchNorm, "
