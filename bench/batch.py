@@ -11,6 +11,7 @@ every forward and backward is counted in examples where it runs (`Cost`).
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,9 +49,16 @@ def take(x, index):
     return x
 
 
+def cross_entropy_per_example(smoothing: float = 0.0) -> Callable:
+    """(outputs, targets) -> each example's cross entropy with label smoothing: per example, what timm's
+    LabelSmoothingCrossEntropy and nn.CrossEntropyLoss(label_smoothing=...) average (a task's
+    Job.loss_per_sample)."""
+    return lambda out, y: nn.functional.cross_entropy(out.float(), y, reduction="none", label_smoothing=smoothing)
+
+
 def default_per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if out.dim() == 2 and y.dim() == 1:
-        return nn.functional.cross_entropy(out.float(), y, reduction="none")
+        return cross_entropy_per_example()(out, y)
     raise UserError("this minimizer needs every example's loss, which this task does not provide "
                     "(Job.loss_per_sample); use sam, asam or another minimizer")
 
@@ -80,11 +88,10 @@ class Batch:
         out = []
         for i, s in enumerate(starts):
             sl = slice(s, min(s + m, self.n))
-            b = Batch(self.net, self.model, take(self.x, sl), take(self.y, sl), self.loss_fn, cost=self.cost,
-                      per_sample_fn=self.per_sample_fn, autocast=self.autocast, scaler=self.scaler, micro=1,
-                      weight=self.weight * (sl.stop - sl.start) / self.n, no_sync=self.no_sync,
-                      local_ascent=self.local_ascent, reduce=self.reduce and i == len(starts) - 1,
-                      shakes=self.shakes, extra_loss=self.extra_loss, step_n=self.step_n)
+            b = copy.copy(self)  # the same model, loss, cost, scaler, contexts; its own examples and overflow flag
+            b.x, b.y, b.n, b.micro, b._found = take(self.x, sl), take(self.y, sl), sl.stop - sl.start, 1, None
+            b.weight = self.weight * b.n / self.n
+            b.reduce = self.reduce and i == len(starts) - 1
             out.append(b)
         return out
 

@@ -27,7 +27,7 @@ def pct(noise: float) -> str:
     return f"{noise * 100:.4g} %"
 
 
-def _canon(value: Any) -> Any:
+def canon(value: Any) -> Any:
     """One spelling per value, whether it comes from a RunConfig or a CSV cell read back as text or as a
     pandas-guessed number: "0.1" == 0.1, "200" == 200.0 == 200, "True" == True. Numbers compare at 12
     significant digits (a float printed and read back is the same setting). A mapping (mopts) and the JSON
@@ -54,22 +54,22 @@ def _canon(value: Any) -> Any:
 
 
 def _canon_json(value: Any) -> Any:
-    """A mapping's (or list's) values in _canon's spelling, all the way down."""
+    """A mapping's (or list's) values in canon's spelling, all the way down."""
     if isinstance(value, dict):
         return {str(k): _canon_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_canon_json(v) for v in value]
-    return _canon(value)
+    return canon(value)
 
 
-def _settings(row: Mapping[str, Any]) -> tuple:
+def run_settings(row: Mapping[str, Any]) -> tuple:
     """A run's settings, comparable with a plan's; a cell missing (a CSV older than its column) takes
     RunConfig's default."""
     def value(f):
         v = row.get(f)
         gone = v is None or (isinstance(v, str) and not v.strip()) or (pd.api.types.is_scalar(v) and pd.isna(v))
         return DEFAULTS[f] if gone else v
-    return tuple(_canon(value(f)) for f in FIELDS)
+    return tuple(canon(value(f)) for f in FIELDS)
 
 
 def _owners(plans: Plans) -> dict[tuple, dict[tuple[str, str], tuple[str, str]]]:
@@ -78,7 +78,7 @@ def _owners(plans: Plans) -> dict[tuple, dict[tuple[str, str], tuple[str, str]]]
     for table, by_preset in plans.items():
         for preset, runs in by_preset.items():
             for identity in runs:
-                cells = owners.setdefault(_settings(identity), {})
+                cells = owners.setdefault(run_settings(identity), {})
                 cells.setdefault((table, preset), (str(identity.get(ROW, "")), str(identity.get(VARIANT, ""))))
     return owners
 
@@ -118,7 +118,7 @@ def match_plans(results: pd.DataFrame, plans: Plans) -> pd.DataFrame:
     sets its curve apart (preset or differences)."""
     df = results.copy()
     owners, several = _owners(plans), len(presets(plans)) > 1
-    settings = [_settings(r) for r in df.to_dict("records")]
+    settings = [run_settings(r) for r in df.to_dict("records")]
     df["settings"] = pd.Series(settings, index=df.index, dtype=object)
     df["cells"] = pd.Series([owners.get(k, {}) for k in settings], index=df.index, dtype=object)
     df["in_plans"] = pd.Series([tuple(owners.get(k, ())) for k in settings], index=df.index, dtype=object)

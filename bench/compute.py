@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from bench.cells import FIELDS, _canon, _settings
+from bench.cells import FIELDS, canon, run_settings
 
 TARGET_FIELDS = ("target_acc_used", "target_epoch", "target_wall_s", "target_passes")
 # What may differ between a run and the base-optimizer run it is measured against.
@@ -102,12 +102,12 @@ def base_final_acc(rows: Iterable[Mapping[str, Any]], row: Mapping[str, Any], ba
     """The final test accuracy of the finished (ok) `base`-optimizer run measured against `row`: the same
     settings but minimizer, rho, eta and mopts, the same seed and kind of data; None if there is none yet.
     Rows as results CSVs hold them (text) or typed."""
-    mine, seed, fake = _settings(row), _canon(row.get("seed", 0)), _canon(row.get("synthetic") or False)
+    mine, seed, fake = run_settings(row), canon(row.get("seed", 0)), canon(row.get("synthetic") or False)
     for r in rows:
-        if (r.get("minimizer") != base or r.get("status") != "ok" or _canon(r.get("seed", 0)) != seed
-                or _canon(r.get("synthetic") or False) != fake):
+        if (r.get("minimizer") != base or r.get("status") != "ok" or canon(r.get("seed", 0)) != seed
+                or canon(r.get("synthetic") or False) != fake):
             continue
-        theirs = _settings(r)
+        theirs = run_settings(r)
         if all(theirs[i] == mine[i] for i in _SAME):
             acc = _number(r.get("final_test_acc"))
             return acc if acc is not None and math.isfinite(acc) else None

@@ -142,12 +142,13 @@ def minimizer_settings(name: str, by_minimizer: dict[str, dict], given: dict[str
     """rho, eta and mopts of a run: every option of the minimizer resolved (its Hparams defaults, the recipe's
     `[minimizers.<name>]`, then --rho / --eta / --mopt), checked against its ranges. The base optimizer alone
     has no options (rho = eta = 0 unless given, as always)."""
-    from bench.minimizers import MINIMIZERS, make_hparams
+    from bench.minimizers import MINIMIZERS, make_hparams, option_names
+    known = option_names(name) if name in MINIMIZERS else ()
     mopts = dict(given.get("mopts") or {})
     for key in ("rho", "eta"):
         if key in given and key in mopts and float(given[key]) != float(mopts[key]):
             raise UserError(f"{key} given twice (--{key} {given[key]} and --mopt {key}={mopts[key]}); give it once")
-        if key in given and (key in mopts or name in MINIMIZERS and key in _option_names(name)):
+        if key in given and (key in mopts or key in known):
             mopts[key] = given[key]
     if name not in MINIMIZERS:
         if mopts:
@@ -165,11 +166,6 @@ def minimizer_settings(name: str, by_minimizer: dict[str, dict], given: dict[str
     resolved = dataclasses.asdict(hp)
     return {"rho": given.get("rho", resolved.pop("rho", 0.0)), "eta": given.get("eta", resolved.pop("eta", 0.0)),
             "mopts": {k: v for k, v in resolved.items() if k not in ("rho", "eta")}}
-
-
-def _option_names(name: str) -> set[str]:
-    from bench.minimizers import MINIMIZERS
-    return {f.name for f in dataclasses.fields(MINIMIZERS[name].Hparams)}
 
 
 def _scaled_lr(recipe: dict[str, Any], given: dict[str, Any], values: dict[str, Any]) -> dict[str, float]:

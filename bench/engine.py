@@ -136,14 +136,6 @@ def evaluate_classification(model: nn.Module, loader, device: torch.device,
     return metrics
 
 
-def ascent_context(net: nn.Module, sync_perturbation: bool):
-    """What wraps SAM's first forward + backward: DDP's no_sync (a per-replica perturbation, the SAM
-    paper's m-sharpness), unless the perturbation is to use the all-reduced gradient."""
-    if isinstance(net, nn.parallel.DistributedDataParallel) and not sync_perturbation:
-        return net.no_sync
-    return contextlib.nullcontext
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

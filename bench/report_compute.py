@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.cells import _canon
+from bench.cells import canon
 from bench.compute import acc_at_compute, final_acc, run_history, spent, time_to_target
 from bench.config import DEFAULTS, OPTIMIZERS
 from bench.report_tables import DASH, md_table
@@ -90,15 +90,15 @@ def _cell_view(t: dict, lay: Layout, key: tuple, runs: list[dict], base: str | N
         return None
     base_runs = [r for r in runs if r["minimizer"] == base]
     ref_epochs = min((_epochs(r) for r in base_runs), default=None)
-    refs = {_canon(r["seed"]): logs[r["run_id"]] for r in base_runs if _epochs(r) == ref_epochs}
+    refs = {canon(r["seed"]): logs[r["run_id"]] for r in base_runs if _epochs(r) == ref_epochs}
     lines: dict[tuple, Line] = {}
     for m in lay.minimizers:
-        for r in sorted((r for r in runs if r["minimizer"] == m), key=lambda r: (_epochs(r), _canon(r["seed"]))):
+        for r in sorted((r for r in runs if r["minimizer"] == m), key=lambda r: (_epochs(r), canon(r["seed"]))):
             extra = m == base and _epochs(r) != ref_epochs  # SGD at twice the epochs: a line of its own
             label = minimizer_name(t, m) + (f" ({_epochs(r)} ep)" if extra else "")
             line = lines.setdefault((m, _epochs(r) if extra else None), Line(label))
             line.logs.append(logs[r["run_id"]])
-            line.refs.append(refs.get(_canon(r["seed"])))
+            line.refs.append(refs.get(canon(r["seed"])))
     return CellView(*key, model=str(runs[0]["model"]), lines=list(lines.values()))
 
 
@@ -129,15 +129,10 @@ def line_cells(line: Line) -> list[str]:
             DASH if wall != wall else f"{wall:.2f}" if wall < 10 else f"{wall:.1f}", str(len(costs))]
 
 
-def _split(lay: Layout) -> bool:
-    """Whether the table has a variant column (as bench.report_tables decides)."""
-    return len(lay.variants) > 1 or bool(lay.variants[0]["label"])
-
-
 def labels(t: dict, lay: Layout, view: CellView) -> list[str]:
     """A cell's coordinates as the view's first columns print them: dataset, row, variant (where shown)."""
     return ([t.get("datasets", {}).get(view.task, view.task)] if len(tasks(t)) > 1 else []) + [view.row] + (
-        [view.variant] if _split(lay) else [])
+        [view.variant] if lay.variant_column else [])
 
 
 def compute_view(t: dict, lay: Layout, preset: str, runs: pd.DataFrame, folder: str | Path | None) -> list[str]:
@@ -146,7 +141,7 @@ def compute_view(t: dict, lay: Layout, preset: str, runs: pd.DataFrame, folder: 
     if not views:
         return []
     header = (["dataset"] if len(tasks(t)) > 1 else []) + [t.get("row_axis", "model")] + (
-        [t.get("variant_axis", "variant")] if _split(lay) else []) + ["minimizer", *HEADER]
+        [t.get("variant_axis", "variant")] if lay.variant_column else []) + ["minimizer", *HEADER]
     body = [labels(t, lay, v) + [line.label, *line_cells(line)] for v in views for line in v.lines]
     return ["### Equal compute", ""] + md_table(header, body) + [READING, ""]
 

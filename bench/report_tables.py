@@ -107,7 +107,7 @@ def table_section(t: dict, lay: Layout, runs: pd.DataFrame, figs: dict, syntheti
     # the variants table have none: ours alone, no empty paper column).
     with_paper = not synthetic and preset == PAPER_PRESET and any(k[0] == t.get("paper", "") for k in figs)
     out = [f"## {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""] + ([lay.note, ""] if lay.note else [])
-    split = len(lay.variants) > 1 or bool(lay.variants[0]["label"])  # a variant column, as SAM Table 1
+    split = lay.variant_column
     mets = metrics(t)
     cells = _by_cell(lay, preset, runs, mets[0].column)  # a doubled cell's epochs: by the first metric
     style = dict(error=t.get("value") == "error", ci=t.get("spread") == "ci95")

@@ -68,6 +68,11 @@ class Layout:
         return list(self.spec["minimizers"])
 
     @property
+    def variant_column(self) -> bool:
+        """Whether the report prints a variant column: several variants, or one with a label (SAM Table 1)."""
+        return len(self.variants) > 1 or bool(self.variants[0]["label"])
+
+    @property
     def double_sgd(self) -> bool:
         """The SAM paper gave SGD twice the epochs too and kept the better: plan both."""
         return bool(self.spec.get("sgd_double_epochs"))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.batch import cross_entropy_per_example
 from bench.data import TensorLoader
 from bench.errors import UserError
 from bench.registry import register_task
@@ -57,6 +58,5 @@ class DigitsNoiseTask(Task):
         test = TensorLoader(t(x_test), t(y_test), 500, shuffle=False)
         loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         return Job(model=mlp(), train_loader=train, test_loader=test, loss_fn=loss, num_train=len(y_train),
-                   loss_per_sample=lambda out, y: nn.functional.cross_entropy(  # `loss`, per example
-                       out.float(), y, reduction="none", label_smoothing=cfg.label_smoothing),
+                   loss_per_sample=cross_entropy_per_example(cfg.label_smoothing),  # `loss`, per example
                    info={"train_size": len(y_train), "test_size": len(y_test), "realised_noise": realised})

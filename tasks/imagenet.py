@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
+from bench.batch import cross_entropy_per_example
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
@@ -79,8 +80,7 @@ class ImageNetTask(Task):
             model = model.to(memory_format=torch.channels_last)
         return Job(model=model, train_loader=train, test_loader=val, loss_fn=make_loss(cfg.label_smoothing),
                    num_train=len(train_set), topk=(1, 5) if len(train_set.classes) >= 5 else (1,),
-                   loss_per_sample=lambda out, y: nn.functional.cross_entropy(  # make_loss, per example
-                       out.float(), y, reduction="none", label_smoothing=cfg.label_smoothing),
+                   loss_per_sample=cross_entropy_per_example(cfg.label_smoothing),  # make_loss, per example
                    track=("test_acc", "test_top5"), synthetic=(root / SYNTHETIC_MARKER).exists(),
                    info={"train_size": len(train_set), "test_size": len(val_set),
                          "num_classes": len(train_set.classes)})

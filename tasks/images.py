@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from bench.augment import Cutout, DeviceCifarLoader
+from bench.batch import cross_entropy_per_example
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.task import Job, Task, load_toml, merge_recipe
@@ -244,8 +245,7 @@ class ImageTask(Task):
         train, test = self.loaders(cfg, device, train_set, test_set)
         return Job(model=self.make_model(cfg.model), train_loader=train, test_loader=test,
                    loss_fn=make_loss(cfg.label_smoothing), num_train=len(train_set),
-                   loss_per_sample=lambda out, y: nn.functional.cross_entropy(  # make_loss, per example
-                       out.float(), y, reduction="none", label_smoothing=cfg.label_smoothing),
+                   loss_per_sample=cross_entropy_per_example(cfg.label_smoothing),  # make_loss, per example
                    synthetic=self.is_synthetic(cfg),
                    info={"train_size": len(train_set), "test_size": len(test_set), **self.dataset_info(train_set)})
 

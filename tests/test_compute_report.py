@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from bench.cells import ROW, VARIANT, _canon, match_plans
+from bench.cells import ROW, VARIANT, canon, match_plans
 from bench.compute import acc_at_compute, base_final_acc, read_history, run_history, target_fields, time_to_target
 from bench.report import load_results, load_targets, render_report, write_report
 from bench.tables import load_tables
@@ -87,9 +87,9 @@ def test_row_target_is_the_sgd_run_of_the_same_cell_and_seed(tmp_path):
 
 
 def test_plan_matching_compares_minimizer_options_as_one_spelling():
-    assert _canon({"b": True, "a": 0.1}) == _canon('{"a": 0.10, "b": true}') == _canon(' {"b": "True", "a": "0.1"}')
-    assert _canon({}) == _canon("{}") and _canon({"a": [1, 2]}) == _canon('{"a": [1.0, "2"]}')
-    assert _canon({"a": 0.1}) != _canon('{"a": 0.2}') and _canon("{not json") == "{not json"
+    assert canon({"b": True, "a": 0.1}) == canon('{"a": 0.10, "b": true}') == canon(' {"b": "True", "a": "0.1"}')
+    assert canon({}) == canon("{}") and canon({"a": [1, 2]}) == canon('{"a": [1.0, "2"]}')
+    assert canon({"a": 0.1}) != canon('{"a": 0.2}') and canon("{not json") == "{not json"
     plan = {"task": "cifar10", "model": "resnet20", "minimizer": "gsam", "mopts": {"alpha": 0.1, "warm": 3},
             "seed": 0, ROW: "r", VARIANT: ""}
     rows = pd.DataFrame([{"run_id": "a", "task": "cifar10", "model": "resnet20", "minimizer": "gsam", "seed": 1,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bench.engine import ascent_context
+from bench.batch import Batch, Cost
 from bench.minimizers import ASAM, SAM
 
 
@@ -36,11 +36,12 @@ def _worker(rank, world, rdv, out_dir, cls_name, sync):
     records = {}
     for step in range(2):
         before = [p.detach().clone() for p in model.parameters()]
-        with ascent_context(net, sync)():
-            nn.functional.cross_entropy(net(x), y).backward()
+        batch = Batch(net, model, x, y, nn.functional.cross_entropy, cost=Cost(), no_sync=net.no_sync,
+                      local_ascent=not sync)  # the engine's: the ascent stays local unless synced
+        batch("ascent")
         opt.ascent_step()
         records[f"eps{step}"] = [p.detach() - b for p, b in zip(model.parameters(), before)]
-        nn.functional.cross_entropy(net(x), y).backward()
+        batch("descent")
         opt.descent_step()
         records[f"weights{step}"] = [p.detach().clone() for p in model.parameters()]
     torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))

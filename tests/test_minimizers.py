@@ -288,3 +288,13 @@ def test_every_task_base_optimizer_runs_plain():
     from bench.minimizers import BASE_NAMES
     from bench.registry import get_task, task_names
     assert {get_task(t).base_optimizer for t in task_names()} <= set(BASE_NAMES)
+
+
+@pytest.mark.parametrize("name", ["esam", "fsam", "gsam", "looksam"])
+def test_step_chunks_is_refused_where_the_step_is_not_a_plain_perturbation(name):
+    from bench.minimizers import MINIMIZERS
+    net = small_net()
+    opt = create_minimizer(name, torch.optim.SGD(net.parameters(), lr=0.1), net)
+    assert not MINIMIZERS[name].supports_chunks
+    with pytest.raises(NotImplementedError, match=f"{name} has no m-sharpness chunks"):
+        opt.step_chunks([])

@@ -34,14 +34,19 @@ class ASAM(SAM):
 
     def _scaled_grads(self, names, params):
         grads = [p.grad for p in params]
-        w_idx = [i for i, n in enumerate(names) if "weight" in n]
-        if w_idx:
-            w_grads = [grads[i] for i in w_idx]
-            t = torch._foreach_abs([params[i] for i in w_idx])
-            torch._foreach_add_(t, self.eta)        # T = |w| + eta
-            torch._foreach_mul_(w_grads, t)         # T g   (T = 1 on the other parameters)
-            norm = global_norm(grads)               # ||T g||
-            torch._foreach_mul_(w_grads, t)         # T^2 g
-        else:
-            norm = global_norm(grads)
-        return grads, norm
+        return grads, scale_by_weights(grads, params, [i for i, n in enumerate(names) if "weight" in n], self.eta)
+
+
+def scale_by_weights(grads: list[torch.Tensor], params: list[torch.Tensor], idx: list[int], eta: float) -> torch.Tensor:
+    """ASAM's normalisation in place: grads[i] <- T^2 g with T = |w| + eta for i in `idx` (T = 1 on the other
+    gradients); returns ||T g|| over all of them. SAM-ON and sam_adaptive_all (eta 0, every parameter) share it."""
+    if not idx:
+        return global_norm(grads)
+    scaled = [grads[i] for i in idx]
+    t = torch._foreach_abs([params[i] for i in idx])
+    if eta:
+        torch._foreach_add_(t, eta)         # T = |w| + eta
+    torch._foreach_mul_(scaled, t)          # T g
+    norm = global_norm(grads)               # ||T g||
+    torch._foreach_mul_(scaled, t)          # T^2 g
+    return norm

@@ -156,9 +156,8 @@ class Minimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, batch, first_pass_context=None):
-        """One pass at w, then the base step. (`first_pass_context` is the engine's older way to keep
-        SAM's first pass local under DDP; the batch's `kind` does it now. Kept for plain closures.)"""
+    def step(self, batch):
+        """One pass at w, then the base step."""
         batch = as_batch(batch)
         out = batch("plain")
         self._base_step(batch)
@@ -193,6 +192,13 @@ class Minimizer:
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+    def on_params(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors an `extra_state` kept by parameter name, each copied onto its parameter's device and dtype
+        (names the model no longer has are dropped)."""
+        params = dict(self.model.named_parameters())
+        return {n: t.detach().to(device=params[n].device, dtype=params[n].dtype, copy=True)
+                for n, t in saved.items() if n in params}
 
     def state_dict(self) -> dict:
         return {"base": self.base_optimizer.state_dict(), "hparams": self.hparams(), "extra": self.extra_state(),

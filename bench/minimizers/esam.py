@@ -130,10 +130,10 @@ class ESAM(SAM):
         for p in params:
             p.grad = None
 
-    def step(self, batch, first_pass_context=None):
+    def step(self, batch):
         """SWP ascent, SDS probe, second pass on the selected examples; returns the first pass's result."""
         batch = as_batch(batch)
-        first, _ = self.first_pass(batch, first_pass_context, per_sample=True)
+        first, _ = self.first_pass(batch, per_sample=True)
         if self.skip_if_overflow(batch):
             return first
         self.ascent_step()

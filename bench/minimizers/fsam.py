@@ -64,18 +64,16 @@ class FSAM(SAM):
     passes = 2
     ascent_sync = True      # m is carried across steps: it must be the same on every replica
     supports_chunks = False
+    eps = PERTURB_EPS
     citation = "Li et al., CVPR 2024 (arXiv 2403.12350); code: nblt/F-SAM"
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
         super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
         self._m: dict[torch.Tensor, torch.Tensor] = {}  # the EMA of first gradients, by parameter
 
-    @torch.no_grad()
-    def ascent_step(self) -> None:
-        """After the first backward: d (in the gradient buffers), m updated, w += rho d / (||d|| + 1e-12)."""
-        _, params = self.ascent_params()
-        if not params:
-            return
+    def _scaled_grads(self, names, params):
+        """d = g - sigma m (in the gradient buffers) and ||d||, m updated: SAM's ascent_step then perturbs
+        w += rho d / (||d|| + 1e-12)."""
         old = [p for p in params if p in self._m]
         for p in params:
             if p not in self._m:  # its first gradient: d = g, m = g
@@ -86,13 +84,7 @@ class FSAM(SAM):
             torch._foreach_mul_(ms, self.lmbda + (1 - self.lmbda) * self.sigma)  # m <- lmbda m + (1 - lmbda) g
             torch._foreach_add_(ms, grads, alpha=1 - self.lmbda)
         d = [p.grad for p in params]
-        torch._foreach_mul_(d, self.radius() / (global_norm(d) + PERTURB_EPS))
-        self.perturb(params, d)
-        for p in params:
-            p.grad = None
-
-    def step_chunks(self, batches: list) -> list:
-        raise NotImplementedError("F-SAM has no m-sharpness chunks (--m)")
+        return d, global_norm(d)
 
     def extra_state(self) -> dict:
         names = {p: n for n, p in self.model.named_parameters()}
@@ -100,5 +92,4 @@ class FSAM(SAM):
 
     def load_extra_state(self, state: dict) -> None:
         params = dict(self.model.named_parameters())
-        self._m = {params[n]: m.detach().to(device=params[n].device, dtype=params[n].dtype, copy=True)
-                   for n, m in state.get("m", {}).items() if n in params}
+        self._m = {params[n]: m for n, m in self.on_params(state.get("m", {})).items()}

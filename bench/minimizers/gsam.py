@@ -89,6 +89,7 @@ class GSAM(SAM):
     passes = 2
     ascent_sync = True      # the update uses the first gradient: replicas must agree on it
     supports_chunks = False
+    eps = PERTURB_EPS
     citation = "Zhuang et al., ICLR 2022 (arXiv 2203.08065); code: juntang-zhuang/GSAM, google-research/big_vision"
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
@@ -115,7 +116,7 @@ class GSAM(SAM):
     @torch.no_grad()
     def ascent_step(self) -> None:
         """After the first backward: keep g, w += rho_t g / (||g|| + 1e-12), clear the gradients."""
-        _, self._clean_params, self._clean = self.perturb_keeping_gradient(PERTURB_EPS)
+        _, self._clean_params, self._clean = self.perturb_keeping_gradient()
 
     @torch.no_grad()
     def decompose(self) -> None:
@@ -137,9 +138,6 @@ class GSAM(SAM):
         the base step, which then drops the gradients: the decomposition of an inf is never applied.)"""
         self.decompose()
         super().descent_step(batch)
-
-    def step_chunks(self, batches: list) -> list:
-        raise NotImplementedError("GSAM has no m-sharpness chunks (--m)")
 
     def extra_state(self) -> dict:
         return {"lr0": self._lr0}

@@ -42,7 +42,7 @@ from torch import nn
 
 from bench.minimizers.base import as_batch, dot, global_norm, option
 from bench.minimizers.registry import register_minimizer
-from bench.minimizers.sam import EPS, SAM
+from bench.minimizers.sam import SAM
 
 
 @dataclass(frozen=True)
@@ -83,18 +83,18 @@ class LookSAM(SAM):
         self._clean_names: list[str] = []
         self._clean_params: list[torch.Tensor] = []
 
-    def step(self, batch, first_pass_context=None):
+    def step(self, batch):
         batch = as_batch(batch)
         t, self._t = self._t, self._t + 1
         if t % self.k == 0 or not self._gv:
-            return self._sam_step(batch, first_pass_context)
+            return self._sam_step(batch)
         out = batch("plain")
         self.reuse()
         self._base_step(batch)  # under fp16 an overflow drops the gradients here: g_v is untouched
         return out
 
-    def _sam_step(self, batch, first_pass_context=None):
-        first, rng = self.first_pass(batch, first_pass_context)
+    def _sam_step(self, batch):
+        first, rng = self.first_pass(batch)
         if self.skip_if_overflow(batch):
             return first
         self.ascent_step()
@@ -110,7 +110,7 @@ class LookSAM(SAM):
     @torch.no_grad()
     def ascent_step(self) -> None:
         """After the first backward: keep g, w += rho g / (||g|| + 1e-16), clear the gradients."""
-        self._clean_names, self._clean_params, self._clean = self.perturb_keeping_gradient(EPS)
+        self._clean_names, self._clean_params, self._clean = self.perturb_keeping_gradient()
 
     @torch.no_grad()
     def record(self) -> None:
@@ -140,14 +140,9 @@ class LookSAM(SAM):
         scale = torch.where(n_v > 0, self.alpha * n_g / n_v, torch.zeros_like(n_v))
         torch._foreach_add_([a for a, _ in pairs], torch._foreach_mul([v for _, v in pairs], scale))
 
-    def step_chunks(self, batches: list) -> list:
-        raise NotImplementedError("LookSAM has no m-sharpness chunks (--m)")
-
     def extra_state(self) -> dict:
         return {"t": self._t, "gv": {n: v.detach().clone() for n, v in self._gv.items()}}
 
     def load_extra_state(self, state: dict) -> None:
         self._t = int(state.get("t", 0))
-        params = dict(self.model.named_parameters())
-        self._gv = {n: v.detach().to(device=params[n].device, dtype=params[n].dtype, copy=True)
-                    for n, v in state.get("gv", {}).items() if n in params}
+        self._gv = self.on_params(state.get("gv", {}))

@@ -47,6 +47,7 @@ class SAM(Minimizer):
     Hparams = SAMHparams
     passes = 2
     supports_chunks = True
+    eps = EPS  # added to the perturbation's norm; a subclass following another official code sets its own
     citation = "Foret et al., ICLR 2021 (arXiv 2010.01412); code: google-research/sam"
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, bn_second_pass: str = "update",
@@ -84,14 +85,14 @@ class SAM(Minimizer):
         return self._with_grad()
 
     @torch.no_grad()
-    def perturb_keeping_gradient(self, eps: float = EPS) -> tuple[list[str], list, list]:
+    def perturb_keeping_gradient(self) -> tuple[list[str], list, list]:
         """w += radius * g / (||g|| + eps) without touching g, which is handed back (names, params, g) for
         an update that uses it (GSAM, LookSAM); the parameters' .grad is cleared for the next pass."""
         names, params = self.ascent_params()
         if not params:
             return [], [], []
         grads = [p.grad for p in params]
-        self.perturb(params, torch._foreach_mul(grads, self.radius() / (global_norm(grads) + eps)))
+        self.perturb(params, torch._foreach_mul(grads, self.radius() / (global_norm(grads) + self.eps)))
         for p in params:
             p.grad = None
         return names, params, grads
@@ -103,7 +104,7 @@ class SAM(Minimizer):
         if not params:
             return
         direction, norm = self._scaled_grads(names, params)
-        scale = self.radius() / (norm + EPS)  # rho / norm first, then times g: the official order of operations
+        scale = self.radius() / (norm + self.eps)  # rho / norm first, then times g: the official order of operations
         torch._foreach_mul_(direction, scale)
         self.perturb(params, direction)
         for p in params:  # e is no longer needed: the second backward allocates fresh gradients
@@ -153,12 +154,10 @@ class SAM(Minimizer):
                 for b, s in zip(buffers, saved):
                     b.copy_(s)
 
-    def first_pass(self, batch, first_pass_context=None, **kw):
+    def first_pass(self, batch, **kw):
         """The pass at w whose gradient perturbs; returns (its result, the RNG state to replay or None)."""
         rng = _rng_state() if self.second_pass_rng == "reuse" else None
-        with (first_pass_context or contextlib.nullcontext)():
-            out = batch("ascent", **kw)
-        return out, rng
+        return batch("ascent", **kw), rng
 
     def perturbed_pass(self, batch, rng=None, **kw):
         """A pass at w + e. Stochastic layers (dropout, ShakeDrop) draw fresh randomness, as the official code
@@ -168,10 +167,10 @@ class SAM(Minimizer):
         with torch.enable_grad(), self.second_pass():
             return batch("descent", **kw)
 
-    def step(self, batch, first_pass_context=None):
+    def step(self, batch):
         """Both passes on the same batch; returns the first pass's result (the training metrics)."""
         batch = as_batch(batch)
-        first, rng = self.first_pass(batch, first_pass_context)
+        first, rng = self.first_pass(batch)
         if self.skip_if_overflow(batch):
             return first
         self.ascent_step()
@@ -183,7 +182,10 @@ class SAM(Minimizer):
         """m-sharpness on one device: each batch is one chunk of the step's examples (its loss weighted by the
         chunk's share, the engine's `Batch.chunks`); every chunk perturbs the weights with its own first
         gradient, and the chunks' second gradients are summed into one base step. Only the last chunk's
-        second backward may all-reduce under DDP, so replicas reduce the summed gradient once."""
+        second backward may all-reduce under DDP, so replicas reduce the summed gradient once. Only for a
+        minimizer whose step is this plain two-pass perturbation (`supports_chunks`)."""
+        if not self.supports_chunks:
+            raise NotImplementedError(f"{self.name} has no m-sharpness chunks (--m)")
         outs, acc = [], None
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1

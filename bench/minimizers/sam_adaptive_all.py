@@ -23,11 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from bench.minimizers.base import global_norm, option
+from bench.minimizers.asam import scale_by_weights
+from bench.minimizers.base import option
 from bench.minimizers.registry import register_minimizer
-from bench.minimizers.sam import EPS as SAM_EPS
 from bench.minimizers.sam import SAM
 
 EPS = 1e-12  # added to the norm, as davda54/sam and pytorch-optimizer's default perturb_eps
@@ -48,13 +46,10 @@ class SAMAdaptiveAll(SAM):
     """davda54/sam's adaptive=True: e = rho w^2 g / || |w| g || on every parameter, no eta. Not ASAM."""
 
     Hparams = SAMAdaptiveAllHparams
+    eps = EPS
     citation = ("adaptive=True of davda54/sam and pytorch-optimizer's SAM, after Kwon et al., ICML 2021 "
                 "(arXiv 2102.11600); not the official ASAM (see asam)")
 
     def _scaled_grads(self, names, params):
         grads = [p.grad for p in params]
-        absw = torch._foreach_abs(params)
-        torch._foreach_mul_(grads, absw)        # |w| g
-        norm = global_norm(grads)               # || |w| g ||
-        torch._foreach_mul_(grads, absw)        # w^2 g
-        return grads, norm + (EPS - SAM_EPS)    # ascent_step adds SAM's 1e-16: the total is 1e-12
+        return grads, scale_by_weights(grads, params, list(range(len(params))), 0.0)  # w^2 g, || |w| g ||

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from bench.errors import UserError
-from bench.minimizers.base import global_norm, option
+from bench.minimizers.asam import scale_by_weights
+from bench.minimizers.base import option
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
 
@@ -92,19 +93,9 @@ class SAMON(SAM):
         return [n for n, _ in named], [p for _, p in named]
 
     def _scaled_grads(self, names, params):
-        grads = [p.grad for p in params]
-        if not self.adaptive:
-            return grads, global_norm(grads)
-        idx = [i for i, p in enumerate(params) if self.normalize_bias or p in self._norm_weights]
-        if not idx:
-            return grads, global_norm(grads)
-        scaled = [grads[i] for i in idx]
-        t = torch._foreach_abs([params[i] for i in idx])
-        torch._foreach_add_(t, self.eta)        # T = |w| + eta
-        torch._foreach_mul_(scaled, t)          # T g
-        norm = global_norm(grads)               # ||T g|| over the normalisation parameters
-        torch._foreach_mul_(scaled, t)          # T^2 g
-        return grads, norm
+        grads = [p.grad for p in params]  # the normalisation parameters only (_with_grad): the norm is over them
+        idx = [i for i, p in enumerate(params) if self.normalize_bias or p in self._norm_weights] if self.adaptive else []
+        return grads, scale_by_weights(grads, params, idx, self.eta)
 
     @torch.no_grad()
     def ascent_step(self) -> None:
