@@ -96,7 +96,8 @@ def test_same_seed_same_result(three_runs, fake_cifar10, tmp_path):
     (["run", "cifar10", "--data-dir", "/nonexistent/x"], "cifar10 not found (or corrupted) at /nonexistent/x/cifar-10-batches-py/"),
     (["data", "fake", "mnist", "/tmp/x"], "unknown task 'mnist'"),
 ])
-def test_user_errors_are_one_line(args, needle):
+def test_user_errors_are_one_line(args, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run refused after its claim leaves its lock file under ./results, not in the repo
     r = invoke(*args)
     assert r.exit_code == 2, r.output
     assert needle in r.output
@@ -104,8 +105,9 @@ def test_user_errors_are_one_line(args, needle):
     assert len([ln for ln in r.output.splitlines() if ln.startswith("error:")]) == 1
 
 
-def test_cuda_without_gpu_is_refused(fake_cifar10):
+def test_cuda_without_gpu_is_refused(fake_cifar10, tmp_path, monkeypatch):
     import torch
+    monkeypatch.chdir(tmp_path)
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     r = invoke("run", "cifar10", "--device", "cuda", "--data-dir", fake_cifar10, "--quiet")
@@ -146,7 +148,8 @@ def test_typed_flags_win_over_the_config_file_even_at_their_defaults(fake_cifar1
     assert (row.lr, row.seed, row.epochs, row.batch_size, row.workers) == (0.1, 0, 1, 64, 0)
 
 
-def test_environment_variable_wins_over_the_config_file(tmp_path):
+def test_environment_variable_wins_over_the_config_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the refused run's claim lock goes under ./results: not the repo's
     conf = tmp_path / "c.toml"
     conf.write_text(f'data_dir = "{tmp_path / "from-file"}"\n')
     r = runner.invoke(app, ["run", "cifar10", "--config", str(conf), "--quiet"],
