@@ -16,7 +16,7 @@ from bench.errors import UserError
 
 # Settings that say where or how fast a run happens, not what it computes: left out of the run id.
 NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir", "loader", "channels_last", "compile",
-                "lr_recipe", "target_acc")
+                "lr_recipe", "target_acc", "keep_weights")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class RunConfig:
     second_pass_rng: str = "fresh"  # fresh (official) | reuse: dropout/ShakeDrop masks of pass 1 in pass 2
     noise: float = 0.0              # label-noise tasks: symmetric noise rate of the training labels
     noise_seed: int = 0             # label-noise tasks: seed of the corruption (same for every minimizer)
+    dropout: float = 0.0            # dropout rate of the models that have dropout layers (tasks listing "dropout")
     seed: int = 0
     model_rev: str = ""             # set from the model registry: a model whose definition changed under its name
     device: str = "auto"
@@ -68,6 +69,7 @@ class RunConfig:
     results_dir: str = "results"
     lr_recipe: float = 0.0          # the recipe's lr at its own batch size (lr is scaled linearly from it)
     target_acc: float = 0.0         # time-to-accuracy target (%); 0: the final accuracy of SGD's run of the cell
+    keep_weights: bool = False      # keep the final weights (runs/<run_id>/weights.pt) for `bench sharpness`
 
     def __hash__(self) -> int:      # mopts is a dict: hash what identifies the run
         return hash(self.run_id)
@@ -103,11 +105,12 @@ class RunConfig:
 
 
 LATER_DEFAULTS = {"weight_decay_style": "optimizer", "m": 0, "true_gradient": False, "augment": "basic",
-                  "model_rev": "", "mopts": {}, "accumulate": 1}
+                  "model_rev": "", "mopts": {}, "accumulate": 1,
+                  "dropout": 0.0}
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
 DEFAULTS = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(RunConfig)}
 # Settings only some tasks use; a task lists the ones it reads in `Task.settings`.
-TASK_SETTINGS = ("noise", "noise_seed", "augment")
+TASK_SETTINGS = ("noise", "noise_seed", "augment", "dropout")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "cosine-step", "constant", "inverse_sqrt")
 AUGMENTS = ("basic", "cutout", "autoaugment", "autoaugment-cutout", "none")
@@ -208,6 +211,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.second_pass_rng in ("fresh", "reuse"),
          f"--second-pass-rng must be 'fresh' or 'reuse', got {cfg.second_pass_rng!r}")
     need(finite(cfg.noise) and 0 <= cfg.noise <= 1, f"--noise must be in [0, 1], got {cfg.noise}")
+    need(finite(cfg.dropout) and 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
     need(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     need(isinstance(cfg.accumulate, int) and cfg.accumulate >= 1 and cfg.per_replica_batch % cfg.accumulate == 0,
          f"--accumulate {cfg.accumulate} must be >= 1 and divide the per-replica batch {cfg.per_replica_batch}; "

@@ -62,6 +62,7 @@ def load_cifar(root: str | Path, dataset: str, train: bool, transform=None, down
 class CifarTask(ImageTask):
     recipe_file = RECIPE_FILE
     dataset = "cifar10"
+    settings = ("augment", "dropout")  # --dropout: the models with dropout layers (the WRNs)
 
     def load(self, cfg, train: bool) -> ImageSet:
         ds = load_cifar(cfg.data_dir, self.dataset, train, download=cfg.download and train)

@@ -98,7 +98,7 @@ def load_fashion_mnist(data_dir: str | Path, train: bool, download: bool = False
 class FashionMnistTask(ImageTask):
     recipe_file = RECIPE_FILE
     dataset = "fashion-mnist"
-    settings = ("augment", "noise", "noise_seed")
+    settings = ("augment", "noise", "noise_seed", "dropout")  # --dropout: the WRNs and the demo's MLP
 
     def load(self, cfg, train: bool) -> ImageSet:
         images, labels = load_fashion_mnist(cfg.data_dir, train, cfg.download)

@@ -22,7 +22,7 @@ NOISE_RECIPE = load_toml(Path(__file__).with_name("label_noise.toml"))
 @register_task("cifar10-noise", dataset="cifar10",
                description="CIFAR-10 with symmetric label noise, ASAM Table 6 (--noise, --noise-seed)")
 class LabelNoiseTask(CifarTask):
-    settings = ("noise", "noise_seed", "augment")
+    settings = ("noise", "noise_seed", "augment", "dropout")
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         return merge_recipe(super().recipe(model), NOISE_RECIPE)
