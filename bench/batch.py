@@ -6,7 +6,9 @@ callable a minimizer runs passes with.
 It does what no minimizer should have to know: the forward under autocast, the task's loss (and the SAM
 code's L2 term), gradient accumulation over micro-batches, DDP's no_sync, the fp16 loss scale and the
 unscale + overflow check after each pass, Shake-Shake's true_gradient switch, and the cost accounting:
-every forward and backward is counted in examples where it runs (`Cost`).
+every forward and backward is counted in examples where it runs (`Cost`). It also keeps the loss of the step's
+first whole-batch pass of each kind, so the engine can log the surrogate gap L(w + e) - L(w) that a two-pass
+step measures anyway (`surrogate_gap`).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class Batch:
         self.n = y.shape[0]
         self.step_n = step_n or self.n  # the step's whole batch: passes are counted in its units
         self._found = None
+        self.measured: dict[str, torch.Tensor] = {}  # kind -> loss of the step's first whole-batch pass of it
 
     def chunks(self, m: int) -> list["Batch"]:
         """The batch as chunks of m examples (m-sharpness): each a Batch of its own whose loss is weighted by
@@ -90,10 +93,22 @@ class Batch:
             sl = slice(s, min(s + m, self.n))
             b = copy.copy(self)  # the same model, loss, cost, scaler, contexts; its own examples and overflow flag
             b.x, b.y, b.n, b.micro, b._found = take(self.x, sl), take(self.y, sl), sl.stop - sl.start, 1, None
+            b.measured = {}  # its own losses (copy.copy would share the dict)
             b.weight = self.weight * b.n / self.n
             b.reduce = self.reduce and i == len(starts) - 1
             out.append(b)
         return out
+
+    def surrogate_gap(self) -> torch.Tensor | None:
+        """L(w + e) - L(w) of this step, in float64 on the device (no host sync): the loss of the first
+        whole-batch "descent" pass (forward-only probes count: ESAM's probe at w + e) minus that of the first
+        whole-batch "ascent" pass; None unless both ran (a one-pass step, an fp16 step abandoned after its
+        first pass). Subset passes (ESAM's second pass on its selection) are not the batch's loss and never
+        count. The losses are the task's loss as train_loss reports it: mean over the batch (micro-batches
+        averaged), unscaled, without the L2 term of weight_decay_style='loss'."""
+        if "ascent" not in self.measured or "descent" not in self.measured:
+            return None
+        return self.measured["descent"].double() - self.measured["ascent"].double()
 
     def found_inf(self) -> bool:
         """Whether a pass of this step overflowed (fp16). A host sync."""
@@ -122,6 +137,8 @@ class Batch:
         if backward and self.scaler is not None:
             self._unscale()
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        if index is None and kind != "plain":
+            self.measured.setdefault(kind, loss)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return Pass(loss, out, (per[0] if len(per) == 1 else torch.cat(per)) if per_sample else None)
 

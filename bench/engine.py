@@ -257,7 +257,8 @@ def save(st: TrainState, path: Path) -> None:
 
 
 def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str, Any], dict[str, float]]:
-    """Train one epoch; return its training metrics (loss, accuracy if it classifies) and its timings."""
+    """Train one epoch; return its training metrics (loss, accuracy if it classifies, and for a two-pass
+    minimizer `surrogate_gap`: the mean over the steps that measured it of L(w + e) - L(w)) and its timings."""
     cfg, job, device = st.cfg, st.job, st.device
     count = job.count or (lambda y: y.shape[0])
     autocast = autocast_for(cfg.precision, device)
@@ -265,7 +266,7 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     set_epoch(job.train_loader, epoch - 1)
     reporter.start_epoch(epoch, cfg.epochs, _len(job.train_loader))
     lr = st.base.param_groups[0]["lr"]
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, correct, n
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss * n, correct, n, gap sum, steps with a gap
     data_time, classifies = 0.0, False
     _sync(device)
     t0 = t_data = time.perf_counter()
@@ -273,7 +274,7 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
         x, y = to_device(x, device), to_device(y, device)
         data_time += time.perf_counter() - t_data
 
-        loss, out = train_step(st, x, y, autocast)
+        loss, out = train_step(st, x, y, autocast, gap=sums[3:])
         if st.sched_unit == "step":
             st.scheduler.step()
         n = count(y)
@@ -294,6 +295,8 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     metrics: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / seen}
     if classifies:
         metrics["train_acc"] = 100.0 * sums[1].item() / seen
+    if sums[4].item() > 0:  # a one-pass minimizer (or an epoch of LookSAM reuse steps only) has none
+        metrics["surrogate_gap"] = sums[3].item() / sums[4].item()
     metrics.update(compute_spent(st))
     # data_time: time this process waited for batches; loader_items_per_s: what the loader delivered while it
     # was being waited on. A data_time close to epoch_time means the GPU starves.
@@ -302,10 +305,11 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     return metrics, timing
 
 
-def train_step(st: TrainState, x, y, autocast):
+def train_step(st: TrainState, x, y, autocast, gap: torch.Tensor | None = None):
     """One optimizer step on a batch; (first-pass loss, outputs). With m-sharpness (cfg.m smaller than the
     batch) a minimizer that supports it perturbs every chunk of m examples on its own and averages the
-    chunks' second gradients (SAM paper, section 4.1)."""
+    chunks' second gradients (SAM paper, section 4.1). `gap`, a (2,) float64 tensor on the device, gets the
+    step's surrogate gap and 1 added when the step measured one (`add_gap`)."""
     cfg, job, mz = st.cfg, st.job, st.minimizer
     if st.shakes is None:  # once per run, not per step: a walk over every module of the model
         st.shakes = [m for m in st.model.modules() if hasattr(m, "true_gradient")] if cfg.true_gradient else []
@@ -317,11 +321,27 @@ def train_step(st: TrainState, x, y, autocast):
     st.cost.steps += 1
     if not (mz.supports_chunks and cfg.m and cfg.m < batch.n):
         out = mz.step(batch)
+        add_gap(gap, [(1.0, batch)])
         return out.loss, out.out
     chunks = batch.chunks(cfg.m)
     outs = mz.step_chunks(chunks)
+    add_gap(gap, [(c.n / batch.n, c) for c in chunks])
     loss = sum(o.loss * (c.n / batch.n) for o, c in zip(outs, chunks))
     return loss, torch.cat([o.out for o in outs])
+
+
+def add_gap(acc: torch.Tensor | None, weighted: list[tuple[float, Batch]]) -> None:
+    """acc += (the step's surrogate gap L(w + e) - L(w), 1), on the device, when the step measured one. The
+    batches are the step's (one, or its m-sharpness chunks with their shares of the examples): the gap is the
+    share-weighted mean over those that measured it (an fp16 overflow can end a step before its last chunks)."""
+    if acc is None:
+        return
+    gaps = [(w, g) for w, g in ((w, b.surrogate_gap()) for w, b in weighted) if g is not None]
+    if not gaps:
+        return
+    share = sum(w for w, _ in gaps)
+    acc[0] += sum(g * (w / share) for w, g in gaps)
+    acc[1] += 1
 
 
 def compute_spent(st: TrainState) -> dict[str, Any]:
@@ -373,7 +393,7 @@ def summarize(st: TrainState) -> dict[str, Any]:
                                "train_time_s": st.train_time,
                                "images_per_s": job.num_train * len(history) / st.train_time if st.train_time else 0.0,
                                "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
-                               **per_step(st)}
+                               **final_gap(history), **per_step(st)}
     for key in job.track:
         values = [h[key] for h in history if key in h]
         summary[f"max_{key}"] = max(values) if values else float("nan")
@@ -381,6 +401,13 @@ def summarize(st: TrainState) -> dict[str, Any]:
     if job.finalize is not None and st.status == "ok":
         summary.update(job.finalize(st.model))
     return summary
+
+
+def final_gap(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row's `surrogate_gap`: the last epoch's (none for a one-pass run, or a last epoch that measured none)."""
+    if history and history[-1].get("surrogate_gap") is not None:
+        return {"surrogate_gap": history[-1]["surrogate_gap"]}
+    return {}
 
 
 def per_step(st: TrainState) -> dict[str, Any]:
