@@ -3,6 +3,8 @@
 - ASAM paper: mean ± the sample standard deviation s (ddof = 1).
 - SAM paper: mean ± the 95 % confidence interval of the mean, t_{0.975, n-1} * s / sqrt(n) over n seeds
   (Student's t, two-sided 95 %).
+
+And Kendall's tau-b, the rank correlation of two measures over the same cells (ties handled).
 """
 from __future__ import annotations
 
@@ -36,3 +38,27 @@ def std(values: list[float]) -> float:
 def ci95(values: list[float]) -> float:
     """Half-width of the 95 % confidence interval of the mean: t_{0.975, n-1} * s / sqrt(n), n >= 2."""
     return t975(len(values) - 1) * std(values) / math.sqrt(len(values))
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b: (C - D) / sqrt((n0 - n1) (n0 - n2)) over the n0 = n (n - 1) / 2 pairs, C / D the
+    concordant / discordant pairs, n1 / n2 the pairs tied in x / in y (a pair tied in both counts in both,
+    as scipy's). NaN for fewer than 2 points, a NaN value, or a constant x or y (zero variance). O(n^2):
+    tables of cells are small."""
+    if len(x) != len(y):
+        raise ValueError(f"kendall_tau needs two sequences of one length, got {len(x)} and {len(y)}")
+    x, y = [float(v) for v in x], [float(v) for v in y]      # numpy arrays / ints alike
+    n = len(x)
+    if n < 2 or any(math.isnan(v) for v in (*x, *y)):
+        return math.nan
+    concordant = discordant = tied_x = tied_y = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            tied_x += dx == 0
+            tied_y += dy == 0
+            concordant += dx * dy > 0
+            discordant += dx * dy < 0
+    pairs = n * (n - 1) // 2
+    denom = math.sqrt((pairs - tied_x) * (pairs - tied_y))
+    return (concordant - discordant) / denom if denom else math.nan
