@@ -132,6 +132,8 @@ def run_cmd(
         help="fresh: dropout/ShakeDrop draw new masks in the second SAM pass (official); reuse: the same.")] = None,
     noise: Annotated[Optional[float], typer.Option(help="Label-noise tasks: symmetric noise rate.")] = None,
     noise_seed: Annotated[Optional[int], typer.Option(help="Label-noise tasks: seed of the corruption.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout rate of models with dropout layers (mlp, "
+                                                          "Wide ResNets); 0: none.")] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="fp32 (faithful default), bf16 (autocast) or fp16 (autocast + loss scaling; overflowing steps are "
              "skipped and counted).")] = None,
@@ -150,6 +152,9 @@ def run_cmd(
                                                        "flags given on the command line win.")] = None,
     restart: Annotated[bool, typer.Option(help="Discard this run's checkpoint and start over.")] = False,
     keep_checkpoint: Annotated[bool, typer.Option(help="Keep runs/<run_id>/checkpoint.pt after the run.")] = False,
+    keep_weights: Annotated[Optional[bool], typer.Option(
+        "--keep-weights/--no-keep-weights", help="Keep the final weights (runs/<run_id>/weights.pt) for `bench "
+                                                 "sharpness`.")] = None,
     force: Annotated[bool, typer.Option(help="Train a run that is already done again (from scratch) and "
                                              "replace its row.")] = False,
 ):
@@ -369,6 +374,36 @@ def perf_cmd(
         path = append_perf_rows(rows, results_dir)
         console.print(format_table(rows), highlight=False, markup=False)
         console.print(f"appended {len(rows)} rows to {path}", highlight=False)
+
+
+@app.command("sharpness")
+def sharpness_cmd(
+    run_id: Annotated[str, typer.Argument(help="A finished run's id (its row in <results-dir>/<task>.csv) whose "
+                                               "weights were kept (--keep-weights).")],
+    results_dir: Annotated[str, typer.Option(help="Where the run is; sharpness.csv goes there.")] = "results",
+    measure: Annotated[Optional[list[str]], typer.Option(
+        help="worst_l2, worst_adaptive_l2, worst_linf, worst_adaptive_linf, avg_l2, avg_adaptive_l2, hessian_top, "
+             "hessian_trace (repeatable); default: all.")] = None,
+    rho: Annotated[Optional[list[float]], typer.Option(
+        help="Radius (repeatable); default per measure: 0.05 (l2), 0.5 (adaptive l2), 1e-3 (linf), 1e-2 "
+             "(adaptive linf).")] = None,
+    examples: Annotated[int, typer.Option(help="The first N training (and test) examples.")] = 1024,
+    m: Annotated[int, typer.Option("--m", help="Examples per batch of the worst/avg measures (m-sharpness).")] = 128,
+    iters: Annotated[int, typer.Option(help="Ascent steps (worst), draws (avg), Hutchinson probes (trace).")] = 20,
+    eta: Annotated[float, typer.Option(help="Adaptive measures: T_w = |w| + eta (ASAM's).")] = 0.01,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+):
+    """Measure a finished run's sharpness on a fixed set of training examples; rows go to sharpness.csv."""
+    from bench.sharpness import CSV_NAME, make_request, measure_run
+
+    with user_errors():
+        request = make_request(measure, rho, device, examples=examples, m=m, iters=iters, eta=eta, seed=seed)
+        rows = measure_run(results_dir, run_id, request, log=say)
+        first = rows[0]
+        say(f"train acc {first['train_acc']:.2f}  test acc {first['test_acc']:.2f}  gap {first['gap_acc']:.2f} "
+            f"points (first {first['sh_examples']} / {first['sh_test_examples']} examples)")
+        say(f"wrote {len(rows)} rows to {Path(results_dir) / CSV_NAME}")
 
 
 @app.command("report")

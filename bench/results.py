@@ -119,6 +119,12 @@ def write_csv(path: Path | str, rows: list[dict[str, Any]]) -> None:
 
 
 RECORD = "result.json"
+NOT_RUNS = ("perf.csv", "sharpness.csv")  # CSVs of a results folder that hold timings and measures, not runs
+
+
+def results_csvs(results_dir: Path | str) -> list[Path]:
+    """The `<task>.csv` files of a results folder (not perf.csv, not sharpness.csv, not subfolders)."""
+    return [p for p in sorted(Path(results_dir).glob("*.csv")) if p.name not in NOT_RUNS and p.is_file()]
 FINISHED = ("ok", "diverged")  # a run with a record of this status is done; `failed` runs are run again
 
 
@@ -183,7 +189,7 @@ def result_rows(results_dir: Path | str) -> Iterator[dict[str, str]]:
     are text, as a CSV reader gives them. A file that cannot be read as CSV is skipped here (`bench
     report` is where such a file gets named)."""
     rows: dict[str, dict[str, str]] = {}
-    for path in sorted(Path(results_dir).glob("*.csv")):
+    for path in results_csvs(results_dir):
         rows.update({r["run_id"]: r for r in _csv_rows(path) if r.get("run_id")})
     for record in records(results_dir):
         rows[record["run_id"]] = {k: "" if v is None else str(_cell(v)) for k, v in record.items()}

@@ -36,7 +36,9 @@ def make_config(task_name: str, **overrides: Any) -> RunConfig:
             users = [t for t in task_names() if name in get_task(t).settings]
             raise UserError(f"--{name.replace('_', '-')} does not apply to task {task_name}; it is a setting "
                             f"of: {', '.join(users) or 'no task'}")
-    return build_config(task_name, task.recipe(model), {**overrides, "model_rev": task.model_rev(model)})
+    cfg = build_config(task_name, task.recipe(model), {**overrides, "model_rev": task.model_rev(model)})
+    task.check_config(cfg)
+    return cfg
 
 
 def results_csv(cfg: RunConfig) -> Path:
@@ -137,11 +139,29 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
     if "test_acc" in job.track and D.is_main():
         row.update(target_fields(history, accuracy_target(cfg, row)))
     if D.is_main():  # only rank 0 writes results
+        if cfg.keep_weights and row["status"] == "ok":  # before the record: a finished run's weights are whole
+            save_weights(cfg, job.model)
         write_record(cfg.results_dir, row)
         if not keep_checkpoint and ckpt.exists():
             ckpt.unlink()
     D.barrier()
     return row
+
+
+WEIGHTS = "weights.pt"
+
+
+def save_weights(cfg: RunConfig, model) -> Path:
+    """runs/<run_id>/weights.pt: the final weights (and buffers) with the run's settings, for `bench
+    sharpness`; tensors and plain values only (read back with weights_only=True)."""
+    from dataclasses import asdict
+
+    from bench import checkpoint as ckpt
+    path = run_dir(cfg) / WEIGHTS
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt.save(path, {"version": ckpt.VERSION, "run_id": cfg.run_id, "epoch": cfg.epochs, "model": state,
+                     "config": asdict(cfg)})
+    return path
 
 
 def accuracy_target(cfg: RunConfig, row: dict[str, Any]) -> float | None:

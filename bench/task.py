@@ -72,6 +72,9 @@ class Task:
         from bench.minimizers import MINIMIZERS
         return [self.base_optimizer, *MINIMIZERS]
 
+    def check_config(self, cfg) -> None:
+        """Refuse settings this task cannot run together (a UserError of one line); called by make_config."""
+
     def build(self, cfg, device: torch.device) -> Job:
         raise NotImplementedError
 
@@ -80,10 +83,26 @@ class Task:
         from bench.errors import UserError
         raise UserError(f"task {self.name!r} cannot build a model on its own for `bench perf`")
 
+    def measure_examples(self, cfg, train: bool, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n examples of the training (or test) split as (inputs, targets) tensors on `device`, for
+        `bench sharpness`: in the dataset's own order, as evaluation sees them (no augmentation), training
+        targets as the run trained on them (noisy labels for a label-noise task). n larger than the training
+        set is a UserError; the test split gives at most what it has."""
+        from bench.errors import UserError
+        raise UserError(f"task {self.name!r} gives no examples for `bench sharpness` (classification tasks do)")
+
     def make_fake(self, out_dir: str, **options: Any) -> str:
         """Write a small synthetic dataset in the real on-disk format; return a one-line summary."""
         from bench.errors import UserError
         raise UserError(f"task {self.name!r} has no synthetic data generator")
+
+
+def check_examples(task: str, n: int, have: int, train: bool) -> None:
+    """`bench sharpness --examples n` on a training split of `have` examples (a test split gives what it has)."""
+    if train and n > have:
+        from bench.errors import UserError
+        raise UserError(f"--examples {n} is more than the {have} training examples of task {task}; pass at most "
+                        f"{have}")
 
 
 def merge_recipe(recipe: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

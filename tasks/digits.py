@@ -2,7 +2,8 @@
 
 1,797 8x8 grey images scaled to [0, 1] and flattened; a fixed split (500 test images, drawn once with
 seed 0, stratified by nothing but chance) that never depends on the run's seed; the training labels get the
-symmetric noise of the `cifar10-noise` task. Data sits in tensors on the device (`TensorLoader`).
+symmetric noise of the `cifar10-noise` task; `--dropout` puts dropout after the MLP's hidden ReLUs. Data sits
+in tensors on the device (`TensorLoader`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from bench.batch import cross_entropy_per_example
 from bench.data import TensorLoader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import Job, Task, load_toml
+from bench.task import Job, Task, check_examples, load_toml
+from tasks.images import relu_dropout
 from tasks.label_noise import symmetric_noise
 
 RECIPE = load_toml(Path(__file__).with_name("digits.toml"))
@@ -37,18 +39,28 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     return x[train], y[train], x[test], y[test]
 
 
-def mlp(num_classes: int = 10, hidden: int = 256) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, num_classes))
+def mlp(num_classes: int = 10, hidden: int = 256, dropout: float = 0.0) -> nn.Module:
+    """Two hidden ReLU layers, each followed by dropout at rate `dropout` (RunConfig.dropout) when it is > 0; at 0
+    no dropout module is built (`relu_dropout`): the very network, parameter names and random stream of before."""
+    return nn.Sequential(nn.Linear(64, hidden), relu_dropout(dropout), nn.Linear(hidden, hidden),
+                         relu_dropout(dropout), nn.Linear(hidden, num_classes))
 
 
 @register_task("digits-noise", description="scikit-learn digits (real 8x8 images) with symmetric label "
                                            "noise, MLP: the no-download demo")
 class DigitsNoiseTask(Task):
-    settings = ("noise", "noise_seed")
+    settings = ("noise", "noise_seed", "dropout")
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         return {**RECIPE, "models": ["mlp"]}
+
+    def measure_examples(self, cfg, train: bool, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x_train, y_train, x_test, y_test = load_digits_split()
+        if train:
+            y_train, _ = symmetric_noise(y_train, 10, cfg.noise, cfg.noise_seed)  # the labels it trained on
+        x, y = (x_train, y_train) if train else (x_test, y_test)
+        check_examples(self.name, n, len(y), train)
+        return torch.as_tensor(x[:n], device=device), torch.as_tensor(y[:n], device=device)
 
     def build(self, cfg, device: torch.device) -> Job:
         x_train, y_train, x_test, y_test = load_digits_split()
@@ -57,6 +69,7 @@ class DigitsNoiseTask(Task):
         train = TensorLoader(t(x_train), t(noisy), cfg.per_replica_batch, shuffle=True, seed=cfg.seed)
         test = TensorLoader(t(x_test), t(y_test), 500, shuffle=False)
         loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        return Job(model=mlp(), train_loader=train, test_loader=test, loss_fn=loss, num_train=len(y_train),
+        return Job(model=mlp(dropout=cfg.dropout), train_loader=train, test_loader=test, loss_fn=loss,
+                   num_train=len(y_train),
                    loss_per_sample=cross_entropy_per_example(cfg.label_smoothing),  # `loss`, per example
                    info={"train_size": len(y_train), "test_size": len(y_test), "realised_noise": realised})

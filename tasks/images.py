@@ -20,6 +20,9 @@ a resumed run sees the very same augmentations. The device-resident loader (benc
 basic and cutout itself and refuses AutoAugment.
 
 Tasks whose `settings` name "noise" corrupt their training labels with `symmetric_noise` (ASAM Table 6).
+Tasks whose `settings` name "dropout" pass `--dropout` (RunConfig.dropout) to the models with dropout layers
+(`has_dropout`: the LOCAL_DROPOUT models and the zoo's models registered with `dropout=True`); for any other
+model a non-zero rate is refused.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from bench.augment import Cutout, DeviceCifarLoader
 from bench.batch import cross_entropy_per_example
 from bench.data import make_loader
 from bench.errors import UserError
-from bench.task import Job, Task, load_toml, merge_recipe
+from bench.task import Job, Task, check_examples, load_toml, merge_recipe
 from tasks.models import MODEL_INFO, create_model, model_names
 
 CUTOUT = 16   # the SAM code's cutout_length
@@ -86,13 +89,24 @@ def symmetric_noise(labels, num_classes: int, rate: float, seed: int) -> tuple[n
     return noisy, realised
 
 
-def mlp(num_classes: int, in_chans: int, size: int, hidden: int = 512) -> nn.Module:
-    """A two-hidden-layer perceptron on the flattened image (the CPU demo's model)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * size * size, hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+def relu_dropout(p: float = 0.0) -> nn.Module:
+    """A hidden layer's activation: ReLU, then dropout at rate `p` when p > 0. At p = 0 a bare ReLU (no dropout
+    module at all: the network and its random stream are those of the MLP without dropout); at p > 0 one
+    Sequential in the ReLU's place, so the parameter names (a Sequential's indices) are the same at every p."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    return nn.Sequential(nn.ReLU(), nn.Dropout(p)) if p > 0 else nn.ReLU()
+
+
+def mlp(num_classes: int, in_chans: int, size: int, hidden: int = 512, dropout: float = 0.0) -> nn.Module:
+    """A two-hidden-layer perceptron on the flattened image (the CPU demo's model); `dropout` after each hidden
+    ReLU (RunConfig.dropout)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * size * size, hidden), relu_dropout(dropout),
+                         nn.Linear(hidden, hidden), relu_dropout(dropout), nn.Linear(hidden, num_classes))
 
 
 LOCAL_MODELS = {"mlp": mlp}  # built for the task's image shape; offered by tasks that list them
+LOCAL_DROPOUT = ("mlp",)     # the LOCAL_MODELS whose builder takes `dropout`
 
 
 @lru_cache(maxsize=None)
@@ -168,11 +182,29 @@ class ImageTask(Task):
     def model_choices(self) -> list[str]:
         return [*self.local_models, *model_names()] if self.local_models else model_names()
 
-    def make_model(self, name: str) -> nn.Module:
+    def has_dropout(self, name: str) -> bool:
+        """Whether model `name` has dropout layers (takes RunConfig.dropout)."""
+        return name in LOCAL_DROPOUT if name in LOCAL_MODELS else bool(MODEL_INFO.get(name, {}).get("dropout"))
+
+    def check_dropout(self, name: str, dropout: float) -> None:
+        """Refuse a dropout rate for a model without dropout layers (one line naming the models with them)."""
+        if dropout and not self.has_dropout(name):
+            able = [m for m in self.model_choices() if self.has_dropout(m)]
+            raise UserError(f"--dropout applies to {', '.join(able) or 'no model of this task'}; model {name} has "
+                            "no dropout layers")
+
+    def check_config(self, cfg) -> None:
+        """The settings this task refuses for the config's model (before any data is read)."""
+        self.check_dropout(cfg.model, cfg.dropout)
+
+    def make_model(self, name: str, dropout: float = 0.0) -> nn.Module:
+        """A freshly initialised model; `dropout` (RunConfig.dropout) only for the models with dropout layers."""
+        self.check_dropout(name, dropout)
         spec = self.spec
+        kw = {"dropout": dropout} if self.has_dropout(name) else {}
         if name in LOCAL_MODELS:
-            return LOCAL_MODELS[name](self.num_classes, spec["channels"], spec["size"])
-        return create_model(name, num_classes=self.num_classes, in_chans=spec["channels"])
+            return LOCAL_MODELS[name](self.num_classes, spec["channels"], spec["size"], **kw)
+        return create_model(name, num_classes=self.num_classes, in_chans=spec["channels"], **kw)
 
     # -- data ------------------------------------------------------------------------------------------
 
@@ -240,10 +272,20 @@ class ImageTask(Task):
         return (DeviceCifarLoader(*device_arrays(train_set), cfg.per_replica_batch, True, **kw, **aug),
                 DeviceCifarLoader(*device_arrays(test_set), eval_batch, False, **kw))
 
+    def measure_examples(self, cfg, train: bool, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n examples with the test transform (normalise only), the training labels as trained on."""
+        train_set, test_set = self.datasets(cfg)
+        ds = train_set if train else test_set
+        check_examples(self.name, n, len(ds), train)
+        _, norm = self.transforms("none")
+        xs = torch.stack([norm(ds.image(i)) for i in range(min(n, len(ds)))])
+        return xs.to(device), torch.as_tensor(ds.targets[:len(xs)], device=device)
+
     def build(self, cfg, device: torch.device) -> Job:
+        self.check_config(cfg)
         train_set, test_set = self.datasets(cfg)
         train, test = self.loaders(cfg, device, train_set, test_set)
-        return Job(model=self.make_model(cfg.model), train_loader=train, test_loader=test,
+        return Job(model=self.make_model(cfg.model, cfg.dropout), train_loader=train, test_loader=test,
                    loss_fn=make_loss(cfg.label_smoothing), num_train=len(train_set),
                    loss_per_sample=cross_entropy_per_example(cfg.label_smoothing),  # make_loss, per example
                    synthetic=self.is_synthetic(cfg),

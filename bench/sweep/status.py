@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.results import FINISHED, read_record
+from bench.results import FINISHED, read_record, results_csvs
 from bench.runner import completed_run_ids, results_csv_problem
 from bench.sweep.claims import Claims
 from bench.sweep.plan import TablePlan
@@ -24,7 +24,7 @@ def check_results_folder(results_dir: str | Path, must_exist: bool) -> None:
     if (folder / "runs").exists() and not (folder / "runs").is_dir():
         raise UserError(f"{folder} is not a sambench results folder (its runs is not a folder); pass another "
                         "--results-dir")
-    for path in sorted(p for p in folder.glob("*.csv") if p.name != "perf.csv"):  # perf.csv holds timings
+    for path in results_csvs(folder):  # not perf.csv (timings) nor sharpness.csv (measures)
         reason = results_csv_problem(path)
         if reason:
             raise UserError(f"{folder} is not a sambench results folder ({path.name}: {reason}); pass another "
