@@ -41,7 +41,9 @@ import pandas as pd
 from bench.cells import Plans, match_plans, pct, presets
 from bench.errors import UserError
 from bench.report_compute import cell_views, compute_view, labels, plot_compute
-from bench.report_tables import DASH, MARKS, TARGET_KEY, figures, md_table, ours, table_section
+from bench.report_sharpness import plot_study, study_section
+from bench.results import results_csvs
+from bench.report_tables import DASH, MARKS, PAPER_PRESET, TARGET_KEY, figures, md_table, ours, table_section
 from bench.tables import NAMES, layout, load_tables, metrics, models, tasks
 
 REQUIRED = ["run_id", "task", "model", "minimizer"]
@@ -87,14 +89,12 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """Every `<results_dir>/*.csv` (not perf.csv, not subfolders), one row per run_id (a re-run wins)."""
+    """Every `<results_dir>/<task>.csv` (bench.results.results_csvs), one row per run_id (a re-run wins)."""
     folder = Path(results_dir)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; point to the folder holding the results CSVs")
     frames = []
-    for path in sorted(folder.glob("*.csv")):
-        if path.name == "perf.csv" or not path.is_file():  # perf.csv holds timings, not runs
-            continue
+    for path in results_csvs(folder):
         df = _read_csv(path, "results CSV", REQUIRED, dtype={c: str for c in [*REQUIRED, "status", "note"]})
         if df is not None:  # a 0-byte file holds no runs
             frames.append(df)
@@ -156,6 +156,8 @@ def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, pl
     for t, lay, preset, part, fake, suffix in _sections(results, tables, plans):
         out += table_section(t, lay, part, figs, synthetic=fake, preset=preset, suffix=suffix)
         out += compute_view(t, lay, preset, part, results.attrs.get("results_dir"))
+        out += study_section(t, lay, part, results.attrs.get("results_dir"), figs,
+                             with_paper=preset == PAPER_PRESET and not fake)
     out += _other_section(others, tables, plans) + _failed_section(results)
     return "\n".join(out).rstrip() + "\n"
 
@@ -179,8 +181,8 @@ def _names(names: list[str]) -> str:
 
 
 def _unplanned(task: str, tables: dict, given: list[str]) -> str:
-    having = [f"table {n} has preset {_names(list(t.get('presets', {})))}"
-              for n, t in tables.items() if task in tasks(t)]
+    having = [f"table {n} has preset {_names(found)}" for n, t in tables.items() if task in tasks(t)
+              for found in [[p for p in t.get("presets", {}) if task in layout(n, t, p).tasks]] if found]
     why = (f"No table plans task {task} for preset {_names(given)} ({'; '.join(having)})" if having
            else f"No table in tables.toml covers task {task}")
     return why + "; its runs are told apart by the settings that vary among them."
@@ -337,8 +339,23 @@ def write_report(results_dir: str | Path, out_path: str | Path, targets_path: st
     if links or missing:
         md += "\n## Curves\n\n" + "\n".join(links + missing).rstrip() + "\n"
     md += _compute_plots(results_dir, results, tables, plans, out, plots)
+    md += _study_plots(results_dir, results, tables, plans, out)
     _atomic(out, lambda tmp: tmp.write_text(md, encoding="utf-8"))
     return md
+
+
+def _study_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, plans: Plans, out: Path) -> str:
+    """The sharpness studies' scatter plots (a measure against the generalization gap), beside the report."""
+    links = []
+    for t, lay, preset, part, fake, suffix in _sections(results, tables, plans):
+        def write(name: str, fig) -> None:
+            file = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{out.stem}-sharpness-{preset}-{name}" + "-synthetic" * fake)
+            _atomic(out.with_name(file + ".png"), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+            links.extend([f"### {lay.name}{suffix}: {name}" + (" — synthetic data" if fake else ""), "",
+                          f"![{name}]({file}.png)", ""])
+        plot_study(lay, part, results_dir, write)
+    head = ["## Sharpness against the generalization gap", ""]
+    return "\n" + "\n".join(head + links).rstrip() + "\n" if links else ""
 
 
 def _compute_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, plans: Plans, out: Path,

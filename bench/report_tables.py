@@ -105,7 +105,9 @@ def table_section(t: dict, lay: Layout, runs: pd.DataFrame, figs: dict, syntheti
     """One table under one preset: rows x variants down, tasks x minimizers across (ours, paper, Δ)."""
     # The paper's figures stand beside full-preset cells of a paper that has published cells (the demos and
     # the variants table have none: ours alone, no empty paper column).
-    with_paper = not synthetic and preset == PAPER_PRESET and any(k[0] == t.get("paper", "") for k in figs)
+    # A sharpness study's published figures are its correlations, which its own section prints (bench.report_sharpness).
+    with_paper = (not synthetic and preset == PAPER_PRESET and any(k[0] == t.get("paper", "") for k in figs)
+                  and "sharpness" not in t)
     out = [f"## {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""] + ([lay.note, ""] if lay.note else [])
     split = lay.variant_column
     mets = metrics(t)

@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 TABLE_KEYS = {"paper", "table", "title", "task", "tasks", "datasets", "rows", "variants", "row_axis",
               "variant_axis", "minimizers", "metrics", "settings", "value", "spread", "sgd_double_epochs",
-              "paper_model", "paper_minimizers", "references", "presets"}
-PRESET_KEYS = {"rows", "variants", "tasks", "seeds", "settings", "synthetic", "note"}
+              "paper_model", "paper_minimizers", "references", "presets", "grid", "sharpness"}
+PRESET_KEYS = {"rows", "variants", "tasks", "seeds", "settings", "synthetic", "note", "grid", "sharpness"}
 LINE_META = ("label", "paper_model", "paper_variant")  # a line's keys that are not settings
 # How the report heads our columns: the papers' own spellings (a minimizer not named here: its name in capitals).
 NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "adam": "ADAM", "gsam": "GSAM", "esam": "ESAM",
@@ -62,6 +62,7 @@ class Layout:
     synthetic: dict[str, int] | None
     note: str
     preset_settings: dict[str, Any]  # win over the table's, the row's and the variant's
+    sharpness: dict[str, Any] | None = None  # `bench sharpness` of every run: measures, rho, protocol
 
     @property
     def minimizers(self) -> list[str]:
@@ -119,7 +120,19 @@ def load_tables(path: str | Path) -> dict[str, dict[str, Any]]:
         raise UserError(f"{path} is not valid TOML ({err}); fix it") from None
     for name, spec in tables.items():
         _check(path, name, spec)
+        if "grid" in spec and "rows" not in spec:
+            spec["rows"] = grid_rows(spec["grid"])
     return tables
+
+
+def grid_rows(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """A grid of settings (`grid = { batch_size = [128, 256], lr = [0.05, 0.1] }`) as rows: every combination,
+    the first setting varying slowest, labelled `batch_size=128 lr=0.05`."""
+    rows: list[dict[str, Any]] = [{}]
+    for key, values in grid.items():
+        rows = [{**row, key: v} for row in rows for v in (values if isinstance(values, list) else [values])]
+    return [{"label": " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), **row}
+            for row in rows]
 
 
 def _check(path: Path, name: str, spec: dict[str, Any]) -> None:
@@ -127,15 +140,17 @@ def _check(path: Path, name: str, spec: dict[str, Any]) -> None:
         if not ok:
             raise UserError(f"{path}: table [{name}] {what}; fix it")
 
-    lacks = [k for k in ("title", "rows", "minimizers", "metrics") if k not in spec]
+    lacks = [k for k in ("title", "rows", "minimizers", "metrics") if k not in spec and not (k == "rows" and "grid" in spec)]
     need(not lacks and ("task" in spec or "tasks" in spec), f"lacks {', '.join(lacks or ['task'])}")
     need(not isinstance(spec.get("rows"), str), f"uses the old format (rows = {spec.get('rows')!r}); write rows "
          "as a list of lines, e.g. rows = [{ label = \"wrn28_10\", model = \"wrn28_10\" }] (see the file's header)")
     need(not set(spec) - TABLE_KEYS, f"has unknown key(s) {', '.join(sorted(set(spec) - TABLE_KEYS))}")
     need(spec.get("value", "accuracy") in ("accuracy", "error"), "has value other than accuracy or error")
     need(spec.get("spread", "std") in ("std", "ci95"), "has spread other than std or ci95")
+    need(isinstance(spec.get("grid", {}), dict) and all(spec.get("grid", {}).values()),
+         "has a grid that is not a table of non-empty lists (grid = { lr = [0.05, 0.1] })")
     for axis in ("rows", "variants"):
-        lines = spec.get(axis, [PLAIN])
+        lines = spec.get(axis, [PLAIN]) if not (axis == "rows" and "grid" in spec and "rows" not in spec) else [PLAIN]
         need(isinstance(lines, list) and lines and all(isinstance(x, dict) and "label" in x for x in lines),
              f"{axis} must be a non-empty list of tables, each with a label")
         labels = [x["label"] for x in lines]
@@ -166,11 +181,13 @@ def layout(name: str, spec: dict[str, Any], preset: str) -> Layout | None:
     synthetic = p.get("synthetic")
     if synthetic is not None and not isinstance(synthetic, dict):
         synthetic = {"train": synthetic[0], "test": synthetic[1]}
+    rows = grid_rows(p["grid"]) if "grid" in p else spec["rows"]
+    sharp = {**spec["sharpness"], **p.get("sharpness", {})} if "sharpness" in spec else None
     return Layout(name=name, spec=spec, tasks=_keep(name, preset, "tasks", tasks(spec), p),
-                  rows=_keep(name, preset, "rows", spec["rows"], p),
+                  rows=_keep(name, preset, "rows", rows, p),
                   variants=_keep(name, preset, "variants", spec.get("variants", [PLAIN]), p),
                   seeds=int(p.get("seeds", 1)), synthetic=dict(synthetic) if synthetic else None,
-                  note=p.get("note", ""), preset_settings=p.get("settings", {}))
+                  note=p.get("note", ""), preset_settings=p.get("settings", {}), sharpness=sharp)
 
 
 def _keep(table: str, preset: str, axis: str, items: list, p: dict[str, Any]) -> list:

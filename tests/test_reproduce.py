@@ -37,9 +37,9 @@ MINI = {"title": "mini", "tasks": ["cifar10", "cifar100"], "minimizers": ["sgd",
 # twice where it gets twice the epochs).
 FULL = {"asam2": 8 * 3 * 5, "asam3": 8 * 3 * 5, "asam4": 3 * 3, "asam5": 3 * 3, "asam6": 4 * 3 * 3,
         "sam1": 2 * 5 * 3 * (2 + 1) * 5, "sam2": 3 * 3 * 2 * 5, "sam4": 4 * 2 * 5, "sam5": 2 * 2 * 2 * (2 + 1) * 5,
-        "variants": 2 * 2 * 9 * 3}
+        "variants": 2 * 2 * 9 * 3, "asam-correlation": 3 * 3 * 3 * 2}
 SMOKE = {"asam2": 3, "asam3": 3, "asam4": 3, "asam5": 3, "asam6": 3, "sam1": 2 * 3, "sam2": 2, "sam4": 2, "sam5": 2 * 3,
-         "variants": 9}
+         "variants": 9, "asam-correlation": 2 * 2}
 
 
 def counted(tp):
@@ -149,9 +149,10 @@ def test_table_mistakes_are_one_line_errors(tmp_path):
 
 
 def test_table_names_and_papers():
-    assert [p.name for p in plan(TABLES, ["asam"], "smoke")] == ["asam2", "asam3", "asam4", "asam5", "asam6"]
+    assert [p.name for p in plan(TABLES, ["asam"], "smoke")] == ["asam2", "asam3", "asam4", "asam5", "asam6",
+                                                                 "asam-correlation"]
     assert [p.name for p in plan(TABLES, ["sam2", "sam"], "smoke")] == ["sam2", "sam1", "sam4", "sam5"]
-    with pytest.raises(UserError, match="unknown table.s. sam3; choose from: asam2, .*, demo, fmnist, variants or a paper: asam, sam"):
+    with pytest.raises(UserError, match="unknown table.s. sam3; choose from: asam2, .*, demo, fmnist, variants, asam-correlation or a paper: asam, sam"):
         plan(TABLES, ["sam3"], "full")
 
 
@@ -160,7 +161,8 @@ def test_planned_settings_per_table_and_preset():
     listed = {name: list(by_preset) for name, by_preset in got.items()}
     listed.pop("sam5", None)  # its tasks come from another branch
     assert listed == {"demo": ["demo"], **{f"asam{i}": ["smoke"] for i in range(2, 7)},
-                      **{f"sam{i}": ["smoke"] for i in (1, 2, 4)}, "variants": ["smoke"]}
+                      **{f"sam{i}": ["smoke"] for i in (1, 2, 4)}, "variants": ["smoke"],
+                      "asam-correlation": ["demo", "smoke"]}
     t2 = got["asam2"]["smoke"]
     assert t2 == [{**c.identity(), "cell_row": "resnet20", "cell_variant": ""}
                   for c in plan(TABLES, ["asam2"], "smoke")[0].runs]

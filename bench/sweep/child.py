@@ -17,11 +17,24 @@ from bench.config import RunConfig
 
 
 def main(argv: list[str]) -> int:
-    return run_one(RunConfig(**json.loads(Path(argv[0]).read_text())), force="--force" in argv)
+    sharpness = json.loads(Path(argv[argv.index("--sharpness") + 1]).read_text()) if "--sharpness" in argv else None
+    return run_one(RunConfig(**json.loads(Path(argv[0]).read_text())), force="--force" in argv, sharpness=sharpness)
 
 
-def run_one(cfg: RunConfig, force: bool = False) -> int:
-    """Train one run of a sweep in this process (and its torchrun peers); the exit status above."""
+def measure(cfg: RunConfig, spec: dict, trained: bool) -> None:
+    """The sharpness measures the run's table asks for (rank 0 only): all of them after training it, else
+    those sharpness.csv lacks."""
+    from bench.sharpness import Request, measure_run, missing_pairs
+    from bench.sharpness_measures import Protocol
+    request = Request(tuple(spec["measures"]), tuple(spec["rhos"]), Protocol(**spec["protocol"]), spec["device"])
+    todo = request.pairs() if trained else missing_pairs(cfg.results_dir, cfg.run_id, request)
+    if todo and D.is_main():
+        measure_run(cfg.results_dir, cfg.run_id, request, pairs=todo, log=lambda m: print(m, flush=True))
+
+
+def run_one(cfg: RunConfig, force: bool = False, sharpness: dict | None = None) -> int:
+    """Train one run of a sweep in this process (and its torchrun peers), then measure its sharpness when
+    `sharpness` (a bench.sweep.sweeper.sharpness_spec) says; the exit status above."""
     from bench.cli import graceful_sigint
     from bench.engine import Interrupted, StopFlag
     from bench.runner import AlreadyDone, execute, record_failure
@@ -31,11 +44,15 @@ def run_one(cfg: RunConfig, force: bool = False) -> int:
     stop = StopFlag()
     try:
         with graceful_sigint(stop):
-            row = execute(cfg, force=force, stop=stop, log=print)
-        print(f"{cfg.run_id}: {row['status']}", flush=True)
-        return 0
-    except AlreadyDone:
-        print(f"{cfg.run_id}: already done", flush=True)
+            trained = True
+            try:
+                row = execute(cfg, force=force, stop=stop, log=print)
+                print(f"{cfg.run_id}: {row['status']}", flush=True)
+            except AlreadyDone as done:
+                row, trained = done.row, False
+                print(f"{cfg.run_id}: already done", flush=True)
+            if sharpness is not None and row.get("status") == "ok":
+                measure(cfg, sharpness, trained)
         return 0
     except ClaimHeld as e:  # someone else trains it: not a failure of the run
         print(f"{cfg.run_id}: {e}", flush=True)

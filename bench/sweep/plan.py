@@ -40,10 +40,18 @@ class TablePlan:
     unplanned: dict[str, int] = field(default_factory=dict)  # cells left out: why -> how many runs
     synthetic: dict[str, int] | None = None        # `make_fake` options of the generated data
     cells: dict[str, tuple[str, str]] = field(default_factory=dict)  # run id -> (row, variant) label
+    sharpness: Any = None                          # bench.sharpness.Request: every run is measured after training
 
     @property
     def todo(self) -> list[RunConfig]:
         return [c for c in self.runs if c.run_id not in self.done]
+
+    def unmeasured(self, cfg: RunConfig) -> list:
+        """The (measure, rho) pairs of this table's sharpness study that sharpness.csv lacks for the run."""
+        if self.sharpness is None:
+            return []
+        from bench.sharpness import missing_pairs
+        return missing_pairs(cfg.results_dir, cfg.run_id, self.sharpness)
 
 
 def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int | None = None,
@@ -69,13 +77,15 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
             tp.skipped = f"no '{preset}' preset (it has: {', '.join(spec.get('presets', {}))})"
             continue
         _plan_table(tp, lay, seeds or lay.seeds, where)
-        tp.done = {c.run_id for c in tp.runs} & done
+        tp.done = {c.run_id for c in tp.runs if not tp.unmeasured(c)} & done
     return plans
 
 
 def _plan_table(tp: TablePlan, lay: Layout, n_seeds: int, where: dict[str, Any]) -> None:
     """Fill `tp` with the runs of every cell this checkout can build; count the others by reason."""
     tp.synthetic = lay.synthetic
+    if lay.sharpness is not None:
+        tp.sharpness = sharpness_request(tp.name, lay.sharpness, where["device"])
     for cell in lay.cells():
         doubled = lay.double_sgd and cell.minimizer == "sgd"
         why = _not_built(cell)
@@ -86,10 +96,22 @@ def _plan_table(tp: TablePlan, lay: Layout, n_seeds: int, where: dict[str, Any])
             if cfg.run_id in tp.cells:
                 raise UserError(f"table {tp.name} plans one run twice ({' / '.join(tp.cells[cfg.run_id])} and "
                                 f"{cell.row} / {cell.variant}): give its cells different settings")
-            tp.runs.append(cfg)
+            tp.runs.append(dataclasses.replace(cfg, keep_weights=True) if tp.sharpness is not None else cfg)
             tp.cells[cfg.run_id] = (cell.row, cell.variant)
     if not tp.runs:
         tp.skipped = "; ".join(f"{why} ({n} runs not planned)" for why, n in tp.unplanned.items())
+
+
+def sharpness_request(table: str, spec: dict[str, Any], device: str):
+    """A table's `sharpness = { measures, rho, examples, m, iters, eta, seed }` as a checked Request."""
+    from bench.sharpness import make_request
+    spec = dict(spec)
+    measures, rho = spec.pop("measures", None), spec.pop("rho", None)
+    try:
+        return make_request(measures, rho if rho is None or isinstance(rho, list) else [rho], device, **spec)
+    except TypeError as e:  # an unknown protocol key
+        raise UserError(f"tables.toml [{table}] sharpness: {e}; its keys: measures, rho, examples, m, iters, eta, "
+                        "seed, power_iters, power_tol") from None
 
 
 def _cell_runs(cell: Cell, n_seeds: int, doubled: bool, synthetic: bool, where: dict[str, Any]) -> list[RunConfig]:

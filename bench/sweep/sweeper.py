@@ -87,12 +87,14 @@ class Sweeper:
         self.done_before = set() if self.force else completed_run_ids(self.results_dir)
         self.tried: set[str] = set()
 
-    def state(self, cfg: RunConfig) -> str:
-        """done | failed (since this sweeper started) | tried (by this sweeper) | todo."""
+    def state(self, cfg: RunConfig, tp: TablePlan | None = None) -> str:
+        """done | failed (since this sweeper started) | tried (by this sweeper) | todo. A trained run of a
+        table that measures sharpness is done once sharpness.csv has its measures."""
         record = read_record(self.results_dir, cfg.run_id)
         fresh = record is not None and record_time(record) >= self.started
         if record is not None and record.get("status") in FINISHED and (fresh or not self.force):
-            return "done"
+            measured = tp is None or record.get("status") != "ok" or not tp.unmeasured(cfg)
+            return "done" if measured else "tried" if cfg.run_id in self.tried else "todo"
         if record is None and cfg.run_id in self.done_before:
             return "done"  # a row from a CSV written before records existed
         if record is not None and record.get("status") == "failed" and fresh:
@@ -104,7 +106,7 @@ class Sweeper:
         counts: Counter = Counter()
         sync_csvs(self.results_dir)  # a CSV a crash left one run behind is whole again before we start
         runs = [(tp, c) for tp in self.plans for c in tp.runs]
-        counts["skipped"] = sum(self.state(c) == "done" for _, c in runs)
+        counts["skipped"] = sum(self.state(c, tp) == "done" for tp, c in runs)
         announced: set[str] = set()
         with _sigint_stops(self):
             while not self.stopping:
@@ -112,15 +114,15 @@ class Sweeper:
                 for tp, cfg in runs:
                     if self.stopping:
                         break
-                    if self.state(cfg) != "todo":
+                    if self.state(cfg, tp) != "todo":
                         continue
                     outcome = self.attempt(tp, cfg)
                     if outcome == "held":
-                        waiting.append(cfg)
+                        waiting.append((tp, cfg))
                     elif outcome:
                         counts[outcome] += 1
                 # a pass that trained runs took a while: count only the runs still held by others now
-                waiting = [c.run_id for c in waiting if self.state(c) == "todo"]
+                waiting = [c.run_id for tp, c in waiting if self.state(c, tp) == "todo"]
                 if not waiting:
                     break
                 new = sorted(set(waiting) - announced)
@@ -141,7 +143,7 @@ class Sweeper:
         if claim is None:
             return "held"
         try:
-            if self.state(cfg) != "todo":  # finished by someone else between our look and our claim
+            if self.state(cfg, tp) != "todo":  # finished by someone else between our look and our claim
                 return ""
             self.tried.add(cfg.run_id)
             if found is not None:
@@ -150,7 +152,7 @@ class Sweeper:
                 ensure_fake_data(cfg, tp.synthetic)
             self.say(f"start {cfg.run_id} ({cfg.model} {cfg.minimizer} rho={cfg.rho} noise={cfg.noise} "
                      f"seed={cfg.seed})")
-            row = self.run_child(cfg, claim)
+            row = self.run_child(cfg, claim, tp.sharpness)
             shown = "".join(f" {k} {float(row[k]):.2f}" for k in ("max_test_acc", "max_test_top5", "max_valid_bleu",
                                                                    "test_bleu") if _is_number(row.get(k)))
             self.say(f"end   {cfg.run_id} -> {row['status']}{shown} {row.get('note') or ''}".rstrip())
@@ -158,12 +160,17 @@ class Sweeper:
         finally:
             self.claims.release(claim)
 
-    def run_child(self, cfg: RunConfig, claim) -> dict[str, Any]:
-        """Train `cfg` in a fresh process under our claim; its record (a failure one if it left none)."""
+    def run_child(self, cfg: RunConfig, claim, sharpness=None) -> dict[str, Any]:
+        """Train `cfg` in a fresh process under our claim (then measure its sharpness, when its table asks);
+        its record (a failure one if it left none)."""
         folder = run_folder(self.results_dir, cfg.run_id)
+        before = read_record(self.results_dir, cfg.run_id)
         atomic_write(folder / "config.json", json.dumps(asdict(cfg), indent=1) + "\n")
         env = {**os.environ, ENV: f"{cfg.run_id} {claim.token}", "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "bench.sweep.child", str(folder / "config.json")] + ["--force"] * self.force
+        if sharpness is not None:
+            atomic_write(folder / "sharpness.json", json.dumps(sharpness_spec(sharpness), indent=1) + "\n")
+            cmd += ["--sharpness", str(folder / "sharpness.json")]
         t0 = time.time()
         with open(folder / "output.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
@@ -176,9 +183,18 @@ class Sweeper:
             return record or {"run_id": cfg.run_id, "status": "interrupted"}
         if record is not None and record_time(record) >= int(t0) and (rc == 0 or record["status"] == "failed"):
             return record
+        if record is not None and record == before and record.get("status") in FINISHED:  # trained before
+            return record if rc == 0 else {**record, "status": "failed",  # a measurement failed: say, keep the row
+                                           "note": f"sharpness not measured (see {folder / 'output.log'})"}
         how = f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
         return record_failure(cfg, f"the run's process {how} without writing a result (an out-of-memory kill "
                                    f"looks like this)", _tail(folder / "output.log"))
+
+
+def sharpness_spec(request) -> dict[str, Any]:
+    """A bench.sharpness.Request as JSON for the run's process (bench.sweep.child --sharpness)."""
+    return {"measures": list(request.measures), "rhos": list(request.rhos), "device": request.device,
+            "protocol": asdict(request.protocol)}
 
 
 def _wait(proc: subprocess.Popen) -> int:
