@@ -21,6 +21,10 @@ contains "weight": all matrices, embeddings and LayerNorm gains, as in fairseq).
 Tensors are batch-first. `forward(src_tokens, src_lengths, prev_output_tokens) -> logits (B, T, V)`.
 Incremental decoding (`decoder(..., state=DecoderState)`) runs one target step at a time with cached
 self-attention keys/values and encoder keys/values computed once; it matches the parallel decoder.
+
+No host syncs in forward (training or incremental): the position table is sized once for `max_positions`,
+positions are computed on the device, and the source padding mask is always passed (never `mask.any()`).
+Only shapes and Python ints (the decoding step) steer the control flow.
 """
 from __future__ import annotations
 
@@ -78,26 +82,30 @@ def make_positions(tokens: torch.Tensor, padding_idx: int) -> torch.Tensor:
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
-    """No parameters: a table (non-persistent buffer) grown on demand."""
+    """No parameters: a table (non-persistent buffer, so not in the state dict) sized once, at construction,
+    for sequences of up to `max_positions` tokens (rows 0 .. padding_idx + max_positions).
 
-    def __init__(self, dim: int, padding_idx: int, init_size: int = 1024):
+    fairseq grows its table on demand; a fixed table keeps forward free of host syncs (no
+    `int(positions.max())`) and of re-allocation. A longer input is refused from its shape alone."""
+
+    def __init__(self, dim: int, padding_idx: int, max_positions: int = 1024):
         super().__init__()
-        self.dim, self.padding_idx = dim, padding_idx
-        self.register_buffer("table", sinusoidal_table(init_size + padding_idx + 1, dim, padding_idx),
+        self.dim, self.padding_idx, self.max_positions = dim, padding_idx, max_positions
+        self.register_buffer("table", sinusoidal_table(max_positions + padding_idx + 1, dim, padding_idx),
                              persistent=False)
 
-    def _table(self, max_pos: int, like: torch.Tensor) -> torch.Tensor:
-        if max_pos >= self.table.size(0):
-            self.table = sinusoidal_table(max_pos + 1, self.dim, self.padding_idx).to(self.table.device)
-        return self.table
+    def _check(self, length: int) -> None:
+        if length > self.max_positions:
+            raise ValueError(f"sequence of {length} tokens: the model takes at most {self.max_positions}")
 
     def forward(self, tokens: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """(B, T) tokens -> (B, T, dim); with `step` (incremental decoding) the position of that step."""
+        """(B, T) tokens -> (B, T, dim); with `step` (incremental decoding) the position of that step.
+        Positions are computed on the device (`make_positions`): pads get row padding_idx (zeros)."""
         if step is not None:
-            pos = self.padding_idx + 1 + step
-            return self._table(pos, tokens)[pos].expand(tokens.size(0), 1, -1)
-        positions = make_positions(tokens, self.padding_idx)
-        return self._table(int(positions.max()), tokens)[positions]
+            self._check(step + 1)
+            return self.table[self.padding_idx + 1 + step].expand(tokens.size(0), 1, -1)
+        self._check(tokens.size(1))
+        return self.table[make_positions(tokens, self.padding_idx)]
 
 
 def Embedding(num: int, dim: int, padding_idx: int) -> nn.Embedding:
@@ -138,7 +146,11 @@ class MultiheadAttention(nn.Module):
                 causal: bool = False, cache: dict[str, torch.Tensor] | None = None,
                 static_kv: bool = False) -> torch.Tensor:
         """query (B, Tq, C); key = value (B, Tk, C); key_padding_mask (B, Tk) True at pads.
-        cache: incremental state of this attention; static_kv: keys are the encoder output (computed once)."""
+        cache: incremental state of this attention; static_kv: keys are the encoder output (computed once).
+
+        The mask is a boolean `attn_mask` (no -inf fill of our own). A row with every key masked would be
+        undefined, but a real source always holds its `</s>`, so every query, a padded one included, has a
+        key to attend to and stays finite."""
         q = self._split(self.q_proj(query))
         if cache is not None and static_kv and "k" in cache:
             k, v = cache["k"], cache["v"]
@@ -214,17 +226,18 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
 
-    def forward(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> encoder output (B, S, C), padding mask (B, S) True at pads (None when there are none)."""
+    def forward(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> encoder output (B, S, C), padding mask (B, S) True at pads.
+
+        The mask is always built and passed, also when the batch has no pads: asking (`mask.any()`) would
+        be a host sync in every forward, and an all-False mask changes nothing (zeroing multiplies by 1)."""
         padding_mask = src_tokens.eq(self.padding_idx)
         x = self.embed_scale * self.embed_tokens(src_tokens) + self.embed_positions(src_tokens)
         x = self.dropout(x)
-        has_pads = bool(padding_mask.any())
-        if has_pads:
-            x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
+        x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
         for layer in self.layers:
-            x = layer(x, padding_mask if has_pads else None)
-        return x, (padding_mask if has_pads else None)
+            x = layer(x, padding_mask)
+        return x, padding_mask
 
 
 class DecoderState:
