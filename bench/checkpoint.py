@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,56 @@ def load(path: Path, run_id: str) -> dict[str, Any]:
     if state.get("run_id") != run_id:
         raise UserError(f"checkpoint {path} belongs to run {state.get('run_id')}, not {run_id}; {fix}")
     return state
+
+
+def snapshot(value: Any, into: Any = None) -> Any:
+    """A copy of a checkpoint's state whose tensors are detached CPU copies: training may go on changing the
+    live ones (weights, momentum) while a background thread writes the copy. `into`, an earlier snapshot of
+    the same structure that nothing reads any more, lends its tensors (copied into in place: a fresh
+    allocation of a few hundred MB costs several times the copy)."""
+    if isinstance(value, torch.Tensor):
+        if (isinstance(into, torch.Tensor) and into.shape == value.shape and into.dtype == value.dtype
+                and into.device.type == "cpu"):
+            return into.copy_(value.detach())
+        return value.detach().to("cpu", copy=True)
+    if type(value) in (dict, OrderedDict):
+        old = into if type(into) is type(value) else {}
+        return type(value)((k, snapshot(v, old.get(k))) for k, v in value.items())
+    if type(value) in (list, tuple):
+        old = into if type(into) is type(value) and len(into) == len(value) else [None] * len(value)
+        return type(value)(snapshot(v, o) for v, o in zip(value, old))
+    return value
+
+
+class Writer:
+    """Writes checkpoints off the training thread: `submit` copies the state (the only part the training
+    thread waits for, besides a previous write still under way) and a background thread saves it through
+    `save`'s atomic rename, so the file on disk is always a whole checkpoint, the last one or the one
+    before. At most one write is in flight. `wait()` blocks until it is on disk and re-raises its error.
+    The thread is not a daemon: a process that is stopping still finishes the write it started."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._last: Any = None  # the last snapshot, written: its buffers serve the next one
+
+    def submit(self, path: Path, state: dict[str, Any]) -> None:
+        self.wait()
+        check_plain(state)  # a bug shows here, on the training thread, not later in the writer
+        copy = self._last = snapshot(state, self._last)
+        self._thread = threading.Thread(target=self._write, args=(path, copy), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            save(path, state)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread at its next wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -152,6 +152,14 @@ def run_cmd(
                                                        "flags given on the command line win.")] = None,
     restart: Annotated[bool, typer.Option(help="Discard this run's checkpoint and start over.")] = False,
     keep_checkpoint: Annotated[bool, typer.Option(help="Keep runs/<run_id>/checkpoint.pt after the run.")] = False,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        help="Write the resume checkpoint every N epochs (and after the last, and when stopped); 1: every epoch.")] = None,
+    log: Annotated[Optional[str], typer.Option(
+        help="Live tracking: none, tensorboard or wandb (pip install 'sambench[tracking]'); the CSVs stay the "
+             "record.")] = None,
+    fast: Annotated[bool, typer.Option(
+        help="CUDA: bf16 autocast, channels_last, torch.compile and TF32 (numerics change slightly; recorded in the "
+             "row). Without it every default is the faithful fp32 eager loop.")] = False,
     keep_weights: Annotated[Optional[bool], typer.Option(
         "--keep-weights/--no-keep-weights", help="Keep the final weights (runs/<run_id>/weights.pt) for `bench "
                                                  "sharpness`.")] = None,
@@ -174,6 +182,13 @@ def run_cmd(
             settings["minimizer"] = get_task(task).base_optimizer
         if settings["workers"] is None:
             settings["workers"] = default_workers()
+        if fast:
+            from bench.runtime import FAST, fast_settings
+            settings.update(fast_settings(settings["device"], settings))
+            console.print(f"--fast: {FAST} (numerics change slightly; the row records it)", highlight=False)
+        if settings.get("log") not in (None, "none"):
+            from bench.tracking import check_tracking
+            check_tracking(settings["log"])
         D.init_from_env(settings["device"])  # torchrun: join the process group (no-op in one process)
         settings["world_size"] = D.world_size()
         cfg = make_config(task, **settings)
@@ -344,35 +359,66 @@ def _print_lines(lines: list[str]) -> None:
 @app.command("perf")
 def perf_cmd(
     task: Annotated[str, typer.Option(help="Task whose model zoo to time (CIFAR-shaped batches).")] = "cifar10",
-    model: Annotated[str, typer.Option()] = "wrn28_10",
-    batch_size: Annotated[int, typer.Option()] = 128,
-    steps: Annotated[int, typer.Option(help="Timed steps per minimizer (after warm-up).")] = 20,
-    warmup: Annotated[int, typer.Option()] = 3,
+    model: Annotated[Optional[str], typer.Option(
+        help="Default: wrn28_10 (step); the task's recipe model (loop).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Default: 128 (step); the recipe's (loop; tokens per batch for translation).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="Timed steps per minimizer, after warm-up (default 20; loop: 50, in whole chunks).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up: steps (step), rounds of --chunk steps (loop).")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    precision: Annotated[Optional[str], typer.Option(
+        help="fp32 or bf16 (step; default fp32); loop: fp16 too, default the recipe's.")] = None,
     minimizer: Annotated[Optional[list[str]], typer.Option(
-        help="Minimizer to time beside sgd (repeatable); default: every registered one.")] = None,
+        help="Minimizer to time beside the base optimizer (repeatable); default: every registered one (step), "
+             "sam and asam (loop).")] = None,
     peer: Annotated[bool, typer.Option(help="Also time pytorch-optimizer's SAM (pip install "
-                                            "'sambench[peer]').")] = False,
+                                            "'sambench[peer]'); step only.")] = False,
     results_dir: Annotated[str, typer.Option(help="Appends to <results-dir>/perf.csv.")] = "results",
+    what: Annotated[str, typer.Option(help="step: one isolated step on a random CIFAR-shaped batch; loop: bench "
+                                           "run's own loop (loader, precision, channels_last, compile).")] = "step",
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                          help="Loop only.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Loop only: torch.compile; "
+                                                    "the first step is reported apart (compile_s).")] = None,
+    loader: Annotated[Optional[str], typer.Option(help="Loop only: auto, torchvision or device.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(
+        help="Loop only: the task's data (default: data/ if it holds it, else synthetic data).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Loop only: data-loader worker processes.")] = None,
+    chunk: Annotated[Optional[int], typer.Option(help="Loop only: steps per contestant per round (default 5).")] = None,
 ):
-    """Time SGD and every minimizer side by side (interleaved, same model and batch) on one device."""
+    """Time SGD and every minimizer side by side (interleaved, same initial weights) on one device."""
     from bench.engine import resolve_device
-    from bench.perf import append_perf_rows, format_table, measure
+    from bench.perf import append_perf_rows, format_table, measure_task
     from bench.registry import get_task
 
     with user_errors():
+        if what not in ("step", "loop"):
+            raise UserError(f"--what must be step or loop, got {what!r}")
         t = get_task(task)
-        if not t.has_model(model):
-            raise UserError(f"unknown model {model!r} for task {task}; choose one of: {', '.join(t.models())}")
-        dev = resolve_device(device)
-        opts = t.recipe(model).get("minimizers", {})
-        rows = measure(model, t.num_classes, batch_size, steps, dev, precision=precision, warmup=warmup,
-                       peer=peer, minimizers=minimizer, options=opts, sam_rho=opts.get("sam", {}).get("rho", 0.05),
-                       asam_rho=opts.get("asam", {}).get("rho", 0.5), asam_eta=opts.get("asam", {}).get("eta", 0.01),
-                       builder=lambda: t.make_model(model))
+        loop_only = {"--channels-last": channels_last, "--compile": compile, "--loader": loader,
+                     "--data-dir": data_dir, "--workers": workers, "--chunk": chunk}
+        if what == "loop":
+            from bench import perf_loop
+            if peer:
+                raise UserError("--peer applies to --what step")
+            settings = dict(model=model, batch_size=batch_size, precision=precision, channels_last=channels_last,
+                            compile=compile, loader=loader, data_dir=data_dir, device=device,
+                            workers=default_workers() if workers is None else workers)
+            rows = perf_loop.measure_loop(
+                task, settings, minimizer, steps=perf_loop.DEFAULT_STEPS if steps is None else steps, warmup=warmup,
+                chunk=perf_loop.DEFAULT_CHUNK if chunk is None else chunk, log=say)
+            table, note = perf_loop.format_loop_table(rows), perf_loop.spread_note(rows)
+        else:
+            given = [flag for flag, value in loop_only.items() if value not in (None, False)]  # step: eager NCHW
+            if given:
+                raise UserError(f"{', '.join(given)}: for --what loop only (step mode times an eager NCHW step)")
+            rows = measure_task(t, model, batch_size, steps, resolve_device(device), precision, warmup, peer, minimizer)
+            table, note = format_table(rows), ""
         path = append_perf_rows(rows, results_dir)
-        console.print(format_table(rows), highlight=False, markup=False)
+        console.print(table, highlight=False, markup=False)
+        if note:
+            say(note)
         console.print(f"appended {len(rows)} rows to {path}", highlight=False)
 
 

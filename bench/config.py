@@ -16,7 +16,7 @@ from bench.errors import UserError
 
 # Settings that say where or how fast a run happens, not what it computes: left out of the run id.
 NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir", "loader", "channels_last", "compile",
-                "lr_recipe", "target_acc", "keep_weights")
+                "lr_recipe", "target_acc", "keep_weights", "checkpoint_every", "log", "fast")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class RunConfig:
     lr_recipe: float = 0.0          # the recipe's lr at its own batch size (lr is scaled linearly from it)
     target_acc: float = 0.0         # time-to-accuracy target (%); 0: the final accuracy of SGD's run of the cell
     keep_weights: bool = False      # keep the final weights (runs/<run_id>/weights.pt) for `bench sharpness`
+    checkpoint_every: int = 1       # write the resume checkpoint every N epochs (and at the last, and when stopped)
+    log: str = "none"               # live tracking: none | tensorboard | wandb (the CSVs stay the source of truth)
+    fast: bool = False              # --fast was given: bf16 autocast, channels_last, torch.compile, TF32 matmuls
 
     def __hash__(self) -> int:      # mopts is a dict: hash what identifies the run
         return hash(self.run_id)
@@ -228,6 +231,9 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
     need(finite(cfg.clip_norm) and cfg.clip_norm >= 0, f"--clip-norm must be >= 0, got {cfg.clip_norm}")
     need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(isinstance(cfg.checkpoint_every, int) and cfg.checkpoint_every >= 1,
+         f"--checkpoint-every must be an integer >= 1 (epochs between checkpoints), got {cfg.checkpoint_every}")
+    need(cfg.log in ("none", "tensorboard", "wandb"), f"--log must be none, tensorboard or wandb, got {cfg.log!r}")
     need(cfg.weight_decay_style in ("optimizer", "loss"),
          f"--weight-decay-style must be optimizer or loss, got {cfg.weight_decay_style!r}")
     need(cfg.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")

@@ -17,23 +17,23 @@ import contextlib
 import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from bench import checkpoint as ckpt
 from bench import distributed as D
-from bench.batch import Batch, Cost
+from bench.batch import Cost
 from bench.config import RunConfig
 from bench.data import set_epoch
-from bench.errors import UserError
 from bench.minimizers import LossScaler, Minimizer, create_minimizer
+from bench.runtime import (autocast_for, check_fp16, device_name, make_base_optimizer, make_scheduler,  # noqa: F401
+                           numerics_flags, resolve_device, seed_everything, set_backend_flags)
+from bench.step import compute_spent, l2_term, loop_step, sync, train_step  # noqa: F401  (train_step, l2_term: public)
 from bench.task import Job
 
 
@@ -45,59 +45,14 @@ class Reporter:
     def end_epoch(self, metrics: dict[str, Any]) -> None: ...
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine "
-                        "(no GPU or a CPU-only torch build); use --device cpu or --device auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and D.is_distributed():
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # seeds CUDA too
 
 
-def make_base_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    wd = cfg.weight_decay if cfg.weight_decay_style == "optimizer" else 0.0  # "loss": the L2 term is in the loss
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
-    if cfg.optimizer in ("adam", "adamw"):  # fairseq's Adam decays the weights decoupled, as AdamW
-        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-        return cls(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=wd)
-    raise UserError(f"unknown base optimizer {cfg.optimizer!r}")
 
 
-def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int | None = None):
-    """(scheduler, stepped per 'epoch' or per 'step')."""
-    if cfg.schedule == "cosine":  # stepped once per epoch, T_max = epochs (official CIFAR script)
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs), "epoch"
-    if cfg.schedule == "cosine-step":  # the SAM code: lr * 0.5 (1 + cos(pi t / T)) at step t, no warm-up
-        total = max(cfg.epochs * (steps_per_epoch or 1), 1)
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))), "step"
-    if cfg.schedule == "inverse_sqrt":  # fairseq's: linear warm-up from 0, then lr * sqrt(warmup / step)
-        w = max(cfg.warmup_steps, 1)
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: (s + 1) / w if s + 1 < w else math.sqrt(w / (s + 1))), "step"
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), "epoch"
 
 
 def to_device(batch, device: torch.device):
@@ -116,13 +71,15 @@ def forward(model: nn.Module, x):
 
 @torch.no_grad()
 def evaluate_classification(model: nn.Module, loader, device: torch.device,
-                            topk: tuple[int, ...] = (1,)) -> dict[str, float]:
-    """Test loss (plain cross entropy, no smoothing) and top-k accuracies in percent, summed over ranks."""
+                            topk: tuple[int, ...] = (1,), autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Test loss (plain cross entropy, no smoothing) and top-k accuracies in percent, summed over ranks. The
+    forward runs under `autocast` (the training precision's: a bf16 run is evaluated in bf16, as it trains)."""
     model.eval()
     sums = torch.zeros(2 + len(topk), device=device, dtype=torch.float64)  # loss, count, correct@k...
     for x, y in loader:
         x, y = to_device(x, device), to_device(y, device)
-        out = forward(model, x)
+        with autocast():
+            out = forward(model, x)
         sums[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
         sums[1] += y.shape[0]
         top = out.topk(max(topk), dim=1).indices
@@ -134,11 +91,6 @@ def evaluate_classification(model: nn.Module, loader, device: torch.device,
     for i, k in enumerate(topk):
         metrics["test_acc" if k == 1 else f"test_top{k}"] = 100.0 * sums[2 + i].item() / n
     return metrics
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Interrupted(Exception):
@@ -189,9 +141,18 @@ class TrainState:
     resumptions: int = 0              # times this run was resumed from its checkpoint, this call included
     shakes: list[nn.Module] | None = None  # modules with a true_gradient switch (found on the first step)
     cost: Cost = field(default_factory=Cost)  # examples run forward / backward and steps taken, whole run
+    compile_s: float = 0.0            # torch.compile: wall time of the first (compiling) step of this process
+    checkpoint_s: float = 0.0         # what the training thread waited for checkpoints, this process
+    writer: ckpt.Writer = field(default_factory=ckpt.Writer)  # checkpoints written off the training thread
+    tracker: Any = None               # bench.tracking.Tracker (--log), or None
+
+
+
+
 
 
 def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
+    set_backend_flags(cfg, device)
     model = job.model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -210,20 +171,8 @@ def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
     return TrainState(cfg, job, device, model, net, base, minimizer, scheduler, sched_unit)
 
 
-def check_fp16(device: torch.device) -> None:
-    """fp16 autocast must run on the device: one line if it does not."""
-    try:
-        with torch.autocast(device.type, dtype=torch.float16):
-            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--precision fp16: this device ({device}) has no fp16 autocast "
-                        f"({' '.join(str(e).split())[:120]}); use --precision bf16 or fp32") from None
 
 
-def autocast_for(precision: str, device: torch.device):
-    """The forward's autocast context factory: bf16 / fp16 forward and loss, fp32 weights and gradients."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
 
 
 def resume(st: TrainState, path: Path) -> None:
@@ -243,16 +192,21 @@ def resume(st: TrainState, path: Path) -> None:
 
 
 def save(st: TrainState, path: Path) -> None:
-    """Rank 0 writes the checkpoint, with every rank's RNG state; all ranks must call it. No rank returns
-    before the file is written: a rank that stops (Interrupted) and restarts must not find the old one."""
+    """Rank 0 writes the checkpoint, with every rank's RNG state, on its writer thread; all ranks must call it.
+    `flush` waits until it is on disk: a rank that stops (Interrupted) and restarts must not find the old one."""
     rngs = ckpt.gather_rng_states()
     if D.is_main():
-        ckpt.save(path, {
+        st.writer.submit(path, {
             "version": ckpt.VERSION, "run_id": st.cfg.run_id, "epoch": st.epoch,
             "model": st.model.state_dict(), "minimizer": st.minimizer.state_dict(),
             "scheduler": st.scheduler.state_dict(), "rng": rngs, "history": st.history,
             "train_time": st.train_time, "status": st.status, "note": st.note, "resumptions": st.resumptions,
             "cost": dataclasses.asdict(st.cost), "task": st.job.state_dict() if st.job.state_dict is not None else None})
+
+
+def flush(st: TrainState) -> None:
+    """Every checkpoint submitted is on disk, on every rank's return (before stopping or finishing)."""
+    st.writer.wait()
     D.barrier()
 
 
@@ -268,24 +222,16 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     lr = st.base.param_groups[0]["lr"]
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss * n, correct, n, gap sum, steps with a gap
     data_time, classifies = 0.0, False
-    _sync(device)
+    sync(device)
     t0 = t_data = time.perf_counter()
     for x, y in job.train_loader:
         x, y = to_device(x, device), to_device(y, device)
         data_time += time.perf_counter() - t_data
 
-        loss, out = train_step(st, x, y, autocast, gap=sums[3:])
-        if st.sched_unit == "step":
-            st.scheduler.step()
-        n = count(y)
-        sums[0] += loss.double() * n  # accumulate on the device: no host sync per step
-        classifies = out.dim() == 2 and y.dim() == 1
-        if classifies:
-            sums[1] += (out.argmax(1) == y).sum()
-        sums[2] += n
+        classifies = loop_step(st, x, y, autocast, sums, count)
         reporter.advance()
         t_data = time.perf_counter()
-    _sync(device)
+    sync(device)
     epoch_time = time.perf_counter() - t0
     st.train_time += epoch_time
     if st.sched_unit == "epoch":
@@ -305,61 +251,16 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     return metrics, timing
 
 
-def train_step(st: TrainState, x, y, autocast, gap: torch.Tensor | None = None):
-    """One optimizer step on a batch; (first-pass loss, outputs). With m-sharpness (cfg.m smaller than the
-    batch) a minimizer that supports it perturbs every chunk of m examples on its own and averages the
-    chunks' second gradients (SAM paper, section 4.1). `gap`, a (2,) float64 tensor on the device, gets the
-    step's surrogate gap and 1 added when the step measured one (`add_gap`)."""
-    cfg, job, mz = st.cfg, st.job, st.minimizer
-    if st.shakes is None:  # once per run, not per step: a walk over every module of the model
-        st.shakes = [m for m in st.model.modules() if hasattr(m, "true_gradient")] if cfg.true_gradient else []
-    ddp = isinstance(st.net, nn.parallel.DistributedDataParallel)
-    batch = Batch(st.net, st.model, x, y, job.loss_fn, cost=st.cost, per_sample_fn=job.loss_per_sample,
-                  autocast=autocast, scaler=mz.scaler, micro=cfg.accumulate, no_sync=st.net.no_sync if ddp else None,
-                  local_ascent=not (cfg.sync_perturbation or mz.ascent_sync), shakes=tuple(st.shakes),
-                  extra_loss=(lambda: l2_term(st.model, cfg.weight_decay)) if cfg.weight_decay_style == "loss" else None)
-    st.cost.steps += 1
-    if not (mz.supports_chunks and cfg.m and cfg.m < batch.n):
-        out = mz.step(batch)
-        add_gap(gap, [(1.0, batch)])
-        return out.loss, out.out
-    chunks = batch.chunks(cfg.m)
-    outs = mz.step_chunks(chunks)
-    add_gap(gap, [(c.n / batch.n, c) for c in chunks])
-    loss = sum(o.loss * (c.n / batch.n) for o, c in zip(outs, chunks))
-    return loss, torch.cat([o.out for o in outs])
 
 
-def add_gap(acc: torch.Tensor | None, weighted: list[tuple[float, Batch]]) -> None:
-    """acc += (the step's surrogate gap L(w + e) - L(w), 1), on the device, when the step measured one. The
-    batches are the step's (one, or its m-sharpness chunks with their shares of the examples): the gap is the
-    share-weighted mean over those that measured it (an fp16 overflow can end a step before its last chunks)."""
-    if acc is None:
-        return
-    gaps = [(w, g) for w, g in ((w, b.surrogate_gap()) for w, b in weighted) if g is not None]
-    if not gaps:
-        return
-    share = sum(w for w, _ in gaps)
-    acc[0] += sum(g * (w / share) for w, g in gaps)
-    acc[1] += 1
 
 
-def compute_spent(st: TrainState) -> dict[str, Any]:
-    """The compute a run has spent so far, for epoch logs: `passes`, SGD steps of equal compute
-    (bench.batch.Cost.passes), the examples run forward and backward, steps, wall seconds of training,
-    fp16's skipped steps."""
-    c = st.cost
-    out = {"passes": c.passes(), "fwd_examples": c.fwd_examples, "bwd_examples": c.bwd_examples, "steps": c.steps,
-           "wall_s": st.train_time}
-    if st.minimizer.scaler is not None:
-        out["skipped_steps"] = st.minimizer.scaler.skipped
-    return out
 
 
-def l2_term(model: nn.Module, weight_decay: float) -> torch.Tensor:
-    """The SAM code's weight decay: 0.5 * wd * sum ||w||^2 over every parameter, BatchNorm and biases too."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return 0.5 * weight_decay * torch.stack([p.float().pow(2).sum() for p in params]).sum()
+
+
+
+
 
 
 def evaluate_epoch(st: TrainState, metrics: dict[str, Any], timing: dict[str, float]) -> None:
@@ -370,7 +271,8 @@ def evaluate_epoch(st: TrainState, metrics: dict[str, Any], timing: dict[str, fl
         metrics["epoch_time_s"] = timing["epoch_time_s"]
         return
     job = st.job
-    evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, st.device, job.topk))
+    autocast = autocast_for(st.cfg.precision, st.device)
+    evaluate = job.evaluate or (lambda m: evaluate_classification(m, job.test_loader, st.device, job.topk, autocast))
     if D.is_distributed():
         average_norm_statistics(st.model)
     metrics.update(evaluate(st.model))
@@ -391,7 +293,11 @@ def summarize(st: TrainState) -> dict[str, Any]:
                                "resumed_from": st.resumed_from, "resumptions": st.resumptions,
                                "epochs_done": len(history),
                                "train_time_s": st.train_time,
-                               "images_per_s": job.num_train * len(history) / st.train_time if st.train_time else 0.0,
+                               # compile_s: the first step's wall time of a compiled run (it compiles), left out
+                               # of images_per_s (it is in train_time_s)
+                               "compile_s": st.compile_s, "checkpoint_s": st.checkpoint_s,
+                               "images_per_s": job.num_train * len(history) / (st.train_time - st.compile_s)
+                               if st.train_time > st.compile_s else 0.0,
                                "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
                                **final_gap(history), **per_step(st)}
     for key in job.track:
@@ -421,16 +327,23 @@ def per_step(st: TrainState) -> dict[str, Any]:
 
 
 def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | None = None,
-          checkpoint: Path | None = None, on_epoch=None, stop: StopFlag | None = None) -> dict[str, Any]:
+          checkpoint: Path | None = None, on_epoch=None, stop: StopFlag | None = None,
+          tracker=None) -> dict[str, Any]:
     """Train for cfg.epochs; return {"status", "epochs": [per-epoch metrics], summary metrics...}.
 
     With `checkpoint`, the state after every epoch (model, minimizer and base optimizer, scheduler, epoch,
     every rank's RNG states, metrics so far, the task's `Job.state_dict()`) is saved there atomically, and
     an existing checkpoint is resumed from: the batches of an epoch depend only on (seed, epoch), so a
     resumed run is bit-identical to an uninterrupted one; the summary's `resumptions` counts the resumes,
-    across processes. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv)."""
+    across processes. `on_epoch(history)` is called after every epoch (the runner logs epochs.csv).
+
+    Checkpoints are written every `cfg.checkpoint_every` epochs, after the last, after a divergence and when
+    stopped, by a background thread (the row's `checkpoint_s`: what this process's training thread waited for
+    them, the copies of the state, in all); a crash loses at most the epochs since the last one, which a resume trains again to
+    the very same result. `tracker` (bench.tracking) gets every step's loss and every epoch's metrics."""
     reporter = reporter or Reporter()
     st = setup(cfg, job, device)
+    st.tracker = tracker
     if checkpoint is not None and checkpoint.exists():
         resume(st, checkpoint)
     while st.status == "ok" and st.epoch < cfg.epochs:
@@ -439,13 +352,24 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
         st.epoch += 1
         st.history.append(metrics)
         reporter.end_epoch(metrics)
-        if checkpoint is not None:
+        if tracker is not None:  # before the checkpoint: a crash in between repeats an epoch's point, never loses it
+            tracker.epoch(st.epoch, metrics)
+        stopping = stop is not None and stop.set and st.epoch < cfg.epochs and st.status == "ok"
+        if checkpoint is not None and (stopping or checkpoint_due(st)):
+            t0 = time.perf_counter()
             save(st, checkpoint)
+            st.checkpoint_s += time.perf_counter() - t0
         if on_epoch is not None:
             on_epoch(st.history)
-        if stop is not None and stop.set and st.epoch < cfg.epochs and st.status == "ok":
+        if stopping:
+            flush(st)
             raise Interrupted(f"stopped after epoch {st.epoch} of {cfg.epochs}")
+    flush(st)
     return summarize(st)
+
+
+def checkpoint_due(st: TrainState) -> bool:
+    return st.epoch % st.cfg.checkpoint_every == 0 or st.epoch == st.cfg.epochs or st.status != "ok"
 
 
 def _len(loader) -> int | None:

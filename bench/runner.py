@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.compute import base_final_acc, target_fields
 from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
-from bench.engine import Reporter, StopFlag, device_name, resolve_device, seed_everything, train
+from bench.engine import Reporter, StopFlag, device_name, numerics_flags, resolve_device, seed_everything, train
 from bench.errors import UserError
 from bench.registry import get_task, task_names
 from bench.results import (FINISHED, atomic_write, provenance, read_header, read_record, rebuild_csv, result_rows,
@@ -125,8 +125,14 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
         if D.is_main():
             write_csv(run_dir(cfg) / "epochs.csv", history)
 
-    summary = train(cfg, job, device, reporter if D.is_main() else None, checkpoint=ckpt, on_epoch=log_epochs,
-                    stop=stop)
+    tracker = open_tracker(cfg) if D.is_main() else None
+    summary: dict[str, Any] = {}
+    try:
+        summary = train(cfg, job, device, reporter if D.is_main() else None, checkpoint=ckpt, on_epoch=log_epochs,
+                        stop=stop, tracker=tracker)
+    finally:
+        if tracker is not None:
+            tracker.close({k: v for k, v in summary.items() if k != "epochs"})
     wall = time.perf_counter() - t0
     if summary["resumed_from"]:
         log(f"resumed after epoch {summary['resumed_from']} of {cfg.epochs}")
@@ -135,7 +141,7 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
     row: dict[str, Any] = {"run_id": cfg.run_id, "status": summary.pop("status"),
                            "synthetic": job.synthetic, **cfg.to_row(), **job.info,
                            "per_replica_batch": cfg.per_replica_batch, "global_batch": cfg.batch_size,
-                           **summary, "wall_time_s": wall, **provenance(device_name(device))}
+                           **summary, "wall_time_s": wall, **numerics_flags(), **provenance(device_name(device))}
     if "test_acc" in job.track and D.is_main():
         row.update(target_fields(history, accuracy_target(cfg, row)))
     if D.is_main():  # only rank 0 writes results
@@ -146,6 +152,15 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
             ckpt.unlink()
     D.barrier()
     return row
+
+
+def open_tracker(cfg: RunConfig):
+    """The run's live tracker (--log tensorboard|wandb; bench.tracking), None for --log none."""
+    if cfg.log == "none":
+        return None
+    from bench.tracking import check_tracking, make_tracker
+    check_tracking(cfg.log)
+    return make_tracker(cfg.log, cfg, run_dir(cfg))
 
 
 WEIGHTS = "weights.pt"

@@ -37,6 +37,8 @@ class Job:
     # None: plain cross entropy on classification outputs.
     loss_per_sample: Callable | None = None
     synthetic: bool = False           # trained on generated data: never mixed with real runs in reports
+    fixed_batch: bool = True          # every training batch has batch_size examples but an epoch's last (False:
+                                      # token-bucketed batches of varying size; torch.compile then compiles dynamic)
     info: dict[str, Any] = field(default_factory=dict)  # extra task facts for the results row
 
 

@@ -220,7 +220,7 @@ class IWSLT14Task(Task):
         return Job(model=model, train_loader=train, test_loader=valid, loss_fn=LabelSmoothedCrossEntropy(
                    cfg.label_smoothing), num_train=len(corpus.train), evaluate=evaluate, track=("valid_bleu",),
                    count=count_tokens, finalize=finalize, state_dict=lambda: dict(best),
-                   load_state_dict=best.update, synthetic=corpus.synthetic,
+                   load_state_dict=best.update, synthetic=corpus.synthetic, fixed_batch=False,
                    info={"train_size": len(corpus.train), "valid_size": len(corpus.valid),
                          "test_size": len(corpus.test), "src_vocab": len(corpus.src_dict),
                          "tgt_vocab": len(corpus.tgt_dict)})
