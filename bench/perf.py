@@ -325,6 +325,16 @@ def peak_memory_mb(initial: nn.Module, name: str, hparams: dict | None, x, y, de
 
 # -- the entry point ---------------------------------------------------------------------------------------
 
+def check_step_task(task) -> None:
+    """`--what step` times one random batch of 3x32x32 images with integer labels (make_batch): refuse, in
+    one line, a task whose model takes anything else (translation, ImageNet, Fashion-MNIST, digits)."""
+    spec = getattr(type(task), "spec", None) and task.spec
+    shape = (spec.get("channels"), spec.get("size")) if isinstance(spec, dict) else None
+    if not hasattr(type(task), "num_classes") or shape != (3, 32):
+        raise UserError(f"bench perf --what step times a random batch of 3x32x32 images, which task {task.name} "
+                        f"does not take; use --what loop (bench run's loop on the task's own data)")
+
+
 def measure(model_name: str, num_classes: int, batch_size: int, steps: int, device: torch.device | str,
             precision: str = "fp32", minimizers: Iterable[str] | None = ("sgd", "sam", "asam"),
             sam_rho: float = 0.05, asam_rho: float = 0.5, asam_eta: float = 0.01, warmup: int = 3,
@@ -393,6 +403,23 @@ def measure(model_name: str, num_classes: int, batch_size: int, steps: int, devi
     return [{k: row[k] for k in COLUMNS} for row in rows]
 
 
+def measure_task(task, model: str | None, batch_size: int | None, steps: int | None, device: torch.device,
+                 precision: str | None, warmup: int, peer: bool, minimizers: Sequence[str] | None) -> list[dict]:
+    """`bench perf --what step` for a task: its model (default wrn28_10) and minimizer options; rows with
+    `task` and `what` first. A task the random 3x32x32 batch does not fit is refused (check_step_task)."""
+    check_step_task(task)
+    model = model or "wrn28_10"
+    if not task.has_model(model):
+        raise UserError(f"unknown model {model!r} for task {task.name}; choose one of: {', '.join(task.models())}")
+    opts = task.recipe(model).get("minimizers", {})
+    rows = measure(model, task.num_classes, 128 if batch_size is None else batch_size, 20 if steps is None else steps,
+                   device, precision=precision or "fp32", warmup=warmup, peer=peer, minimizers=minimizers,
+                   options=opts, sam_rho=opts.get("sam", {}).get("rho", 0.05),
+                   asam_rho=opts.get("asam", {}).get("rho", 0.5), asam_eta=opts.get("asam", {}).get("eta", 0.01),
+                   builder=lambda: task.make_model(model))
+    return [{"task": task.name, "what": "step", **row} for row in rows]
+
+
 # -- output ------------------------------------------------------------------------------------------------
 
 def append_perf_rows(rows: Iterable[dict], results_dir: str | Path) -> Path:
@@ -416,6 +443,28 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def markdown_rows(rows: Sequence[dict], cols: list[tuple[str, str | None]], ratios: tuple[str, ...] = ("ratio_to_sgd",),
+                  label: Callable[[dict], str] | None = None) -> list[str]:
+    """The lines of a markdown table of perf rows: `cols` are (heading, key); key None is the p10-p90 spread;
+    ratios print with 3 digits, items/s as whole numbers, the rest with 2; `label(row)` names the minimizer."""
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for _, key in cols:
+            if key is None:
+                cells.append(f"{_fmt(r.get('ms_p10'))}–{_fmt(r.get('ms_p90'))}")
+            elif key in ratios:
+                cells.append(_fmt(r.get(key), 3))
+            elif key in ("images_per_s", "items_per_s"):
+                cells.append(_fmt(r.get(key), 0))
+            elif key == "minimizer" and label is not None:
+                cells.append(label(r))
+            else:
+                cells.append(_fmt(r.get(key)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of measure()'s rows, with what they share (model, batch, device...) as a caption."""
     if not rows:
@@ -429,19 +478,6 @@ def format_table(rows: Sequence[dict]) -> str:
         ("img/s", "images_per_s"), ("pass ms", "pass_ms"), ("SAM's own ms", "minimizer_ms"),
         ("own %", "overhead_pct"), ("step − passes ms", "overhead_ms"), ("peak MB", "peak_mem_mb"),
         ("params MB", "param_mb")]
-    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for header, key in cols:
-            if key is None:
-                cells.append(f"{_fmt(r.get('ms_p10'))}–{_fmt(r.get('ms_p90'))}")
-            elif key in ("ratio_to_sgd", "mean_ratio_to_sgd"):
-                cells.append(_fmt(r.get(key), 3))
-            elif key == "images_per_s":
-                cells.append(_fmt(r.get(key), 0))
-            elif key == "minimizer" and r.get("impl") not in (None, "sambench"):
-                cells.append(f"{r[key]} ({r['impl']})")
-            else:
-                cells.append(_fmt(r.get(key)))
-        lines.append("| " + " | ".join(cells) + " |")
+    label = lambda r: f"{r['minimizer']} ({r['impl']})" if r.get("impl") not in (None, "sambench") else r["minimizer"]  # noqa: E731
+    lines = markdown_rows(rows, cols, ratios=("ratio_to_sgd", "mean_ratio_to_sgd"), label=label)
     return caption + "\n\n" + "\n".join(lines) if caption else "\n".join(lines)
