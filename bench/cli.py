@@ -298,6 +298,8 @@ def reproduce_cmd(
     cpus_per_gpu: Annotated[int, typer.Option(help="slurm: CPUs per process (data loading).")] = 8,
     slurm_option: Annotated[Optional[list[str]], typer.Option(help="slurm: extra sbatch KEY=VALUE "
                                                                    "(repeatable), e.g. account=proj.")] = None,
+    log: Annotated[str, typer.Option(help="Every run's live tracking: none, tensorboard or wandb.")] = "none",
+    checkpoint_every: Annotated[int, typer.Option(help="Every run's checkpoint interval in epochs.")] = 1,
     stale_after: Annotated[float, typer.Option(help="Seconds without heartbeat after which another sweeper "
                                                     "takes a run over.")] = 600.0,
     poll: Annotated[float, typer.Option(help="Seconds between looks while other processes hold runs.")] = 10.0,
@@ -320,7 +322,11 @@ def reproduce_cmd(
         world = max(gpus_per_run, 1) * nodes_per_run if launcher == "slurm" else 1
         spec = SweepSpec(tuple(tables or ()), preset, results_dir, seeds=seeds, data_dir=data_dir, device=device,
                          workers=default_workers() if workers is None else workers, force=force,
-                         download=download, world_size=world, poll=poll, stale_after=stale_after)
+                         download=download, world_size=world, poll=poll, stale_after=stale_after, log=log,
+                         checkpoint_every=checkpoint_every)
+        if log != "none":
+            from bench.tracking import check_tracking
+            check_tracking(log)
         plans = spec.plans()
         if status:
             return _print_lines(status_lines(plans, results_dir, stale_after))

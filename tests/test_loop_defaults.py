@@ -180,3 +180,14 @@ def test_log_tensorboard_through_bench_run(tmp_path):
     assert {"step/loss", "step/lr", "epoch/test_acc", "epoch/surrogate_gap"} <= tags, tags
     assert len(acc.Scalars("step/loss")) == row.steps and [e.step for e in acc.Scalars("epoch/test_acc")] == [1, 2]
     assert acc.Scalars("epoch/test_acc")[-1].value == pytest.approx(row.final_test_acc, rel=1e-6)
+
+
+def test_reproduce_forwards_log_and_checkpoint_every_without_changing_run_ids(tmp_path):
+    from bench.sweep.sweeper import SweepSpec
+    plain = SweepSpec(("demo",), "demo", str(tmp_path)).plans()[0].runs
+    logged = SweepSpec(("demo",), "demo", str(tmp_path), log="tensorboard", checkpoint_every=5).plans()[0].runs
+    assert [c.run_id for c in plain] == [c.run_id for c in logged]
+    assert {(c.log, c.checkpoint_every) for c in logged} == {("tensorboard", 5)}
+    r = runner.invoke(app, ["reproduce", "demo", "--preset", "demo", "--checkpoint-every", "0", "--dry-run",
+                            "--results-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "--checkpoint-every must be" in r.output and len(r.output.strip().splitlines()) == 1

@@ -56,9 +56,10 @@ class TablePlan:
 
 def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int | None = None,
          results_dir: str = "results", data_dir: str = "data", device: str = "auto", workers: int = 2,
-         force: bool = False, download: bool = False, world_size: int = 1) -> list[TablePlan]:
+         force: bool = False, download: bool = False, world_size: int = 1, log: str = "none",
+         checkpoint_every: int = 1) -> list[TablePlan]:
     """The runs of the named tables (a paper's name stands for its tables; none: every table with the
-    preset) under `preset`."""
+    preset) under `preset`. `log` and `checkpoint_every` reach every run (neither is part of a run id)."""
     if preset not in known_presets(tables):
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(known_presets(tables))}")
     if seeds is not None and seeds < 1:
@@ -66,7 +67,7 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
     names = expand_names(tables, names)
     done = set() if force else completed_run_ids(results_dir)
     where = dict(results_dir=results_dir, data_dir=data_dir, device=device, workers=workers,
-                 world_size=world_size, download=download)
+                 world_size=world_size, download=download, log=log, checkpoint_every=checkpoint_every)
     plans = []
     for name in names or [n for n in tables if preset in tables[n].get("presets", {})]:
         spec = tables[name]

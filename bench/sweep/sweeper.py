@@ -46,6 +46,8 @@ class SweepSpec:
     force: bool = False
     download: bool = False
     world_size: int = 1                   # GPUs (processes) per run
+    log: str = "none"                     # every run's --log
+    checkpoint_every: int = 1             # every run's --checkpoint-every
     poll: float = 10.0
     stale_after: float = STALE_AFTER
     heartbeat_every: float = HEARTBEAT_EVERY
@@ -54,7 +56,8 @@ class SweepSpec:
         from bench.registry import tables_file
         return plan(load_tables(tables_file()), list(self.tables), self.preset, seeds=self.seeds,
                     results_dir=self.results_dir, data_dir=self.data_dir, device=self.device,
-                    workers=self.workers, force=self.force, download=self.download, world_size=self.world_size)
+                    workers=self.workers, force=self.force, download=self.download, world_size=self.world_size,
+                    log=self.log, checkpoint_every=self.checkpoint_every)
 
     def sweeper(self, label: str = "") -> "Sweeper":
         prefix = f"[{label}] " if label else ""
