@@ -95,16 +95,12 @@ def load_run(results_dir: str | Path, run_id: str) -> LoadedRun:
         raise UserError(f"run {run_id} is {record.get('status')!r}, not finished ok; only a finished run's "
                         "weights can be measured")
     weights, checkpoint = folder / "weights.pt", folder / "checkpoint.pt"
-    if weights.exists():
-        state = ckpt.load(weights, run_id)
-    elif checkpoint.exists() and ckpt.load(checkpoint, run_id)["epoch"] >= int(record.get("epochs", 0)):
-        state = ckpt.load(checkpoint, run_id)
-        state.setdefault("config", None)
-    else:
+    state = ckpt.load(weights, run_id) if weights.exists() else ckpt.load(checkpoint, run_id) if checkpoint.exists() else None
+    if state is None or state["epoch"] < int(record.get("epochs", 0)):  # a checkpoint of an unfinished epoch won't do
         raise UserError(f"run {run_id} kept no weights (no {weights}, nor a final checkpoint.pt); train it again "
                         f"with --keep-weights (`bench run {record.get('task')} ... --keep-weights --force` with its "
                         "settings), or sweep a table that measures sharpness (its runs keep their weights)")
-    values = state.get("config") or {k: record[k] for k in FIELD_NAMES if k in record}
+    values = state.get("config") or {k: record[k] for k in FIELD_NAMES if k in record}  # a checkpoint has no config
     cfg = RunConfig(**{k: v for k, v in values.items() if k in FIELD_NAMES})
     return LoadedRun(record, cfg, state["model"])
 
@@ -120,8 +116,6 @@ def measure_run(results_dir: str | Path, run_id: str, request: Request, pairs: l
     and return them."""
     import dataclasses
 
-    import torch
-
     from bench import sharpness_measures as sm
     from bench.engine import device_name, resolve_device
     from bench.registry import get_task
@@ -130,8 +124,7 @@ def measure_run(results_dir: str | Path, run_id: str, request: Request, pairs: l
     cfg = dataclasses.replace(run.cfg, device=str(device), workers=0, loader="torchvision", compile=False,
                               channels_last=False, results_dir=str(results_dir))
     task = get_task(cfg.task)
-    x, y = task.measure_examples(cfg, True, request.protocol.examples, device)
-    xt, yt = task.measure_examples(cfg, False, request.protocol.examples, device)
+    x, y, xt, yt = task.measure_examples(cfg, request.protocol.examples, device)
     model = task.build(cfg, device).model.to(device).float()
     model.load_state_dict(run.state)
     model.eval()

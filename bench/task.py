@@ -85,11 +85,11 @@ class Task:
         from bench.errors import UserError
         raise UserError(f"task {self.name!r} cannot build a model on its own for `bench perf`")
 
-    def measure_examples(self, cfg, train: bool, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n examples of the training (or test) split as (inputs, targets) tensors on `device`, for
-        `bench sharpness`: in the dataset's own order, as evaluation sees them (no augmentation), training
-        targets as the run trained on them (noisy labels for a label-noise task). n larger than the training
-        set is a UserError; the test split gives at most what it has."""
+    def measure_examples(self, cfg, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The first n examples of the training and of the test split, (x_train, y_train, x_test, y_test) tensors
+        on `device`, for `bench sharpness`: in the dataset's own order, as evaluation sees them (no
+        augmentation), training targets as the run trained on them (noisy labels for a label-noise task). n
+        larger than the training set is a UserError (`check_examples`); the test split gives what it has."""
         from bench.errors import UserError
         raise UserError(f"task {self.name!r} gives no examples for `bench sharpness` (classification tasks do)")
 
@@ -99,9 +99,9 @@ class Task:
         raise UserError(f"task {self.name!r} has no synthetic data generator")
 
 
-def check_examples(task: str, n: int, have: int, train: bool) -> None:
-    """`bench sharpness --examples n` on a training split of `have` examples (a test split gives what it has)."""
-    if train and n > have:
+def check_examples(task: str, n: int, have: int) -> None:
+    """`bench sharpness --examples n` on a training split of `have` examples."""
+    if n > have:
         from bench.errors import UserError
         raise UserError(f"--examples {n} is more than the {have} training examples of task {task}; pass at most "
                         f"{have}")

@@ -54,13 +54,11 @@ class DigitsNoiseTask(Task):
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         return {**RECIPE, "models": ["mlp"]}
 
-    def measure_examples(self, cfg, train: bool, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def measure_examples(self, cfg, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         x_train, y_train, x_test, y_test = load_digits_split()
-        if train:
-            y_train, _ = symmetric_noise(y_train, 10, cfg.noise, cfg.noise_seed)  # the labels it trained on
-        x, y = (x_train, y_train) if train else (x_test, y_test)
-        check_examples(self.name, n, len(y), train)
-        return torch.as_tensor(x[:n], device=device), torch.as_tensor(y[:n], device=device)
+        y_train, _ = symmetric_noise(y_train, 10, cfg.noise, cfg.noise_seed)  # the labels it trained on
+        check_examples(self.name, n, len(y_train))
+        return tuple(torch.as_tensor(a[:n], device=device) for a in (x_train, y_train, x_test, y_test))
 
     def build(self, cfg, device: torch.device) -> Job:
         x_train, y_train, x_test, y_test = load_digits_split()

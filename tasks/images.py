@@ -272,14 +272,16 @@ class ImageTask(Task):
         return (DeviceCifarLoader(*device_arrays(train_set), cfg.per_replica_batch, True, **kw, **aug),
                 DeviceCifarLoader(*device_arrays(test_set), eval_batch, False, **kw))
 
-    def measure_examples(self, cfg, train: bool, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def measure_examples(self, cfg, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The first n examples with the test transform (normalise only), the training labels as trained on."""
         train_set, test_set = self.datasets(cfg)
-        ds = train_set if train else test_set
-        check_examples(self.name, n, len(ds), train)
+        check_examples(self.name, n, len(train_set))
         _, norm = self.transforms("none")
-        xs = torch.stack([norm(ds.image(i)) for i in range(min(n, len(ds)))])
-        return xs.to(device), torch.as_tensor(ds.targets[:len(xs)], device=device)
+        out = []
+        for ds in (train_set, test_set):
+            xs = torch.stack([norm(ds.image(i)) for i in range(min(n, len(ds)))])
+            out += [xs.to(device), torch.as_tensor(ds.targets[:len(xs)], device=device)]
+        return tuple(out)
 
     def build(self, cfg, device: torch.device) -> Job:
         self.check_config(cfg)
