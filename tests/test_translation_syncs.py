@@ -26,6 +26,7 @@ from tasks.translation import beam as beam_module
 from tasks.translation.beam import beam_search
 from tasks.translation.data import EOS, PAD, pad_right
 from tasks.translation.model import create_transformer, make_positions, sinusoidal_table
+from test_translation import random_sources
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
@@ -104,18 +105,9 @@ def _one_thread(one_thread):
     """Tiny tensors: one torch thread."""
 
 
-def sources(n: int, vocab: int, seed: int, min_len: int = 2, max_len: int = 9) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        out.append(torch.cat([torch.randint(4, vocab, (length,), generator=g), torch.tensor([EOS])]))
-    return out
-
-
 def padded_batch(seed: int, pads: bool = True, tgt_vocab: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """Sources right-padded (or all of one length) and teacher-forcing inputs, one of them padded."""
-    src = pad_right(sources(5, 40, seed, *((2, 9) if pads else (6, 6))))
+    src = pad_right(random_sources(5, 40, seed, *((2, 9) if pads else (6, 6))))
     g = torch.Generator().manual_seed(seed + 1)
     prev = torch.randint(4, tgt_vocab, (5, 7), generator=g)
     prev[:, 0] = EOS
@@ -271,14 +263,19 @@ def test_forward_and_incremental_step_have_no_host_syncs():
     with HostSyncs(raise_=True).patched():
         logits = model(src, None, prev)
         logits.sum().backward()  # autograd of the forward too
-        model.eval()
-        with torch.no_grad():
-            state = model.start_decoding(src)
-            for t in range(3):
-                model.decode_step(prev[:, t], state)
-            state.reorder(order)
-            model.decode_step(prev[:, 3].index_select(0, order), state)
+        decode_a_few_steps(model, src, prev, order)
     assert logits.shape == (5, 7, 30)
+
+
+def decode_a_few_steps(model, src, prev, order) -> None:
+    """In eval mode: encode, three incremental decoder steps, a beam reorder, one more step."""
+    model.eval()
+    with torch.no_grad():
+        state = model.start_decoding(src)
+        for t in range(3):
+            model.decode_step(prev[:, t], state)
+        state.reorder(order)
+        model.decode_step(prev[:, 3].index_select(0, order), state)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -291,13 +288,7 @@ def test_forward_and_incremental_step_pass_cuda_sync_debug_mode():
     torch.cuda.set_sync_debug_mode("error")
     try:
         model(src, None, prev).sum().backward()
-        model.eval()
-        with torch.no_grad():
-            state = model.start_decoding(src)
-            for t in range(3):
-                model.decode_step(prev[:, t], state)
-            state.reorder(order)
-            model.decode_step(prev[:, 3].index_select(0, order), state)
+        decode_a_few_steps(model, src, prev, order)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -328,11 +319,11 @@ def test_position_table_is_sized_once_and_stays_out_of_the_state_dict():
     emb = model.encoder.embed_positions
     assert emb.table.shape == (8 + PAD + 1, 64) and "embed_positions.table" in dict(model.encoder.named_buffers())
     table = emb.table
-    src = pad_right(sources(3, 40, 0, 7, 7))  # 8 tokens with </s>: the longest the table holds
+    src = pad_right(random_sources(3, 40, 0, 7, 7))  # 8 tokens with </s>: the longest the table holds
     model(src, None, src[:, :8])
     assert emb.table is table
     with pytest.raises(ValueError, match="at most 8"):
-        model(pad_right(sources(2, 40, 0, 8, 8)), None, src)
+        model(pad_right(random_sources(2, 40, 0, 8, 8)), None, src)
     hyps = beam_search(model, src, beam=2, max_len_b=200)  # capped at max positions - 1
     assert max(len(h["tokens"]) for h in hyps) <= 7
 
@@ -358,7 +349,7 @@ BEAM_SETTINGS = [dict(beam=4, lenpen=1.0, max_len_a=1.2, max_len_b=3), dict(beam
 @pytest.mark.parametrize("seed,tgt_vocab", [(0, 8), (1, 14), (2, 8), (3, 14)])
 def test_beam_search_equals_the_old_beam_search(seed, tgt_vocab):
     model = peaked_model(seed, tgt_vocab)
-    src = pad_right(sources(7, 40, seed, 1, 10))
+    src = pad_right(random_sources(7, 40, seed, 1, 10))
     lengths = set()
     for kw in BEAM_SETTINGS:
         new, old = beam_search(model, src, **kw), old_beam_search(model, src, **kw)
@@ -383,7 +374,7 @@ def syncs_per_step(search, model, src, **kw) -> tuple[int, list[int], int]:
 
 def test_beam_search_has_one_host_sync_per_step():
     model = peaked_model(0, 10)
-    src = pad_right(sources(7, 40, 0, 1, 10))
+    src = pad_right(random_sources(7, 40, 0, 1, 10))
     before, steps, last = syncs_per_step(beam_search, model, src, beam=4, max_len_a=1.2, max_len_b=3)
     assert len(steps) >= 10
     assert before == 1 and set(steps) == {1} and last == 1 + 2  # max_len.max(); keep rows; the results
