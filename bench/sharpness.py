@@ -15,7 +15,6 @@ settings and results) after the measurement's columns.
 """
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.errors import UserError
-from bench.results import _csv_rows, _csv_text, atomic_write, git_commit, locked, read_record, run_folder
+from bench.results import (_csv_rows, _csv_text, atomic_write, git_commit, locked, read_header, read_record,
+                           run_folder)
 
 CSV_NAME = "sharpness.csv"
 # Radii used when none is given, per measure: SAM's rho for the plain l2 ball, ASAM's for the adaptive one;
@@ -41,6 +41,16 @@ class Request:
     rhos: tuple[float, ...] = ()
     protocol: Any = None                  # bench.sharpness_measures.Protocol (None: its defaults)
     device: str = "auto"
+
+    def as_dict(self) -> dict[str, Any]:
+        """As JSON-able values, for the run's process (bench.sweep.child --sharpness); `from_dict` reads it."""
+        return {"measures": list(self.measures), "rhos": list(self.rhos), "device": self.device,
+                "protocol": asdict(self.protocol)}
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> "Request":
+        from bench.sharpness_measures import Protocol
+        return cls(tuple(spec["measures"]), tuple(spec["rhos"]), Protocol(**spec["protocol"]), spec["device"])
 
     def pairs(self) -> list[tuple[str, float | None]]:
         """(measure, rho) of every row this request makes; rho None for the Hessian measures."""
@@ -164,11 +174,7 @@ def write_rows(results_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
     path = Path(results_dir) / CSV_NAME
     with locked(path):
         old = _csv_rows(path)
-        try:
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), [])
-        except OSError:
-            header = []
+        header = read_header(path)
         merged = {_key(r): r for r in old}
         merged.update({_key(r): r for r in rows})
         for row in merged.values():

@@ -25,8 +25,7 @@ def measure(cfg: RunConfig, spec: dict, trained: bool) -> None:
     """The sharpness measures the run's table asks for (rank 0 only): all of them after training it, else
     those sharpness.csv lacks."""
     from bench.sharpness import Request, measure_run, missing_pairs
-    from bench.sharpness_measures import Protocol
-    request = Request(tuple(spec["measures"]), tuple(spec["rhos"]), Protocol(**spec["protocol"]), spec["device"])
+    request = Request.from_dict(spec)
     todo = request.pairs() if trained else missing_pairs(cfg.results_dir, cfg.run_id, request)
     if todo and D.is_main():
         measure_run(cfg.results_dir, cfg.run_id, request, pairs=todo, log=lambda m: print(m, flush=True))
@@ -34,7 +33,7 @@ def measure(cfg: RunConfig, spec: dict, trained: bool) -> None:
 
 def run_one(cfg: RunConfig, force: bool = False, sharpness: dict | None = None) -> int:
     """Train one run of a sweep in this process (and its torchrun peers), then measure its sharpness when
-    `sharpness` (a bench.sweep.sweeper.sharpness_spec) says; the exit status above."""
+    `sharpness` (a bench.sharpness.Request.as_dict()) says; the exit status above."""
     from bench.cli import graceful_sigint
     from bench.engine import Interrupted, StopFlag
     from bench.runner import AlreadyDone, execute, record_failure

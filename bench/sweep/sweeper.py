@@ -172,7 +172,7 @@ class Sweeper:
         env = {**os.environ, ENV: f"{cfg.run_id} {claim.token}", "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "bench.sweep.child", str(folder / "config.json")] + ["--force"] * self.force
         if sharpness is not None:
-            atomic_write(folder / "sharpness.json", json.dumps(sharpness_spec(sharpness), indent=1) + "\n")
+            atomic_write(folder / "sharpness.json", json.dumps(sharpness.as_dict(), indent=1) + "\n")
             cmd += ["--sharpness", str(folder / "sharpness.json")]
         t0 = time.time()
         with open(folder / "output.log", "ab") as out:
@@ -192,12 +192,6 @@ class Sweeper:
         how = f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
         return record_failure(cfg, f"the run's process {how} without writing a result (an out-of-memory kill "
                                    f"looks like this)", _tail(folder / "output.log"))
-
-
-def sharpness_spec(request) -> dict[str, Any]:
-    """A bench.sharpness.Request as JSON for the run's process (bench.sweep.child --sharpness)."""
-    return {"measures": list(request.measures), "rhos": list(request.rhos), "device": request.device,
-            "protocol": asdict(request.protocol)}
 
 
 def _wait(proc: subprocess.Popen) -> int:
