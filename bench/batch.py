@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from bench import distributed as D
 from bench.errors import UserError
 from bench.minimizers.base import KINDS, Pass
 
@@ -63,6 +64,16 @@ def default_per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return cross_entropy_per_example()(out, y)
     raise UserError("this minimizer needs every example's loss, which this task does not provide "
                     "(Job.loss_per_sample); use sam, asam or another minimizer")
+
+
+def micro_slices(n: int, k: int) -> list[slice]:
+    """n examples as min(k, n) contiguous micro-batches, the first n % k one longer (torch.tensor_split's
+    split). Slices, not index tensors: a slice of a device tensor is a view, where an index tensor built on
+    the host would be copied to the device for every micro-batch of every pass."""
+    k = min(k, n)
+    size, extra = divmod(n, k)
+    bounds = [i * size + min(i, extra) for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def forward(model: nn.Module, x):
@@ -111,8 +122,19 @@ class Batch:
         return self.measured["descent"].double() - self.measured["ascent"].double()
 
     def found_inf(self) -> bool:
-        """Whether a pass of this step overflowed (fp16). A host sync."""
-        return self._found is not None and bool(self._found.item())
+        """Whether a pass of this step overflowed (fp16) on any replica. A host sync, as GradScaler's step has.
+
+        Under DDP an ascent pass runs locally (no_sync): one replica's first gradient can overflow while the
+        others' do not. Were each rank to decide alone, that one would skip the step and halve its scale while
+        the others step: their next all-reduces would pair gradients of different steps, then a collective
+        would wait forever. So the flag is summed over the ranks first (one all-reduce of one number, fp16
+        under DDP only), and every rank skips, and rescales, together."""
+        if not D.is_distributed():
+            return self._found is not None and bool(self._found.item())
+        found = (self._found.clone() if self._found is not None
+                 else torch.zeros(1, device=next(self.model.parameters()).device))
+        D.all_reduce_sum(found)
+        return bool(found.item())
 
     def __call__(self, kind: str = "plain", index=None, backward: bool = True, per_sample: bool = False) -> Pass:
         if kind not in KINDS:
@@ -123,15 +145,16 @@ class Batch:
             raise ValueError("a pass over no examples")
         for module in self.shakes:  # SAM code: true_gradient in the pass whose gradient perturbs
             module.true_gradient = kind == "ascent"
-        pieces = [p for p in torch.tensor_split(torch.arange(n), min(self.micro, n)) if len(p)]
+        pieces = micro_slices(n, self.micro)
         losses, outs, per = [], [], []
         for i, piece in enumerate(pieces):
-            xs, ys = (x, y) if len(pieces) == 1 else (take(x, piece.to(y.device)), take(y, piece.to(y.device)))
+            xs, ys = (x, y) if len(pieces) == 1 else (take(x, piece), take(y, piece))
             last = i == len(pieces) - 1
             sync = last and self.reduce and not (kind == "ascent" and self.local_ascent)
+            share = (piece.stop - piece.start) / n
             with (contextlib.nullcontext() if sync or not backward else self.no_sync()):
-                loss, out, ps = self._run(xs, ys, len(piece) / n, backward, per_sample)
-            losses.append(loss * (len(piece) / n) if len(pieces) > 1 else loss)
+                loss, out, ps = self._run(xs, ys, share, backward, per_sample)
+            losses.append(loss * share if len(pieces) > 1 else loss)
             outs.append(out)
             per.append(ps)
         if backward and self.scaler is not None:
@@ -156,8 +179,8 @@ class Batch:
         if backward:
             self.cost.bwd += y.shape[0] / self.step_n
             self.cost.bwd_examples += y.shape[0]
-            w = share * self.weight
-            total = total * w if w != 1.0 else total
+            w = share * self.weight  # a device tensor under DDP for a task that counts tokens (no host sync)
+            total = total if isinstance(w, float) and w == 1.0 else total * w
             (total * self.scaler.scale if self.scaler is not None else total).backward()
         return loss.detach(), out.detach(), ps
 

@@ -156,7 +156,7 @@ class SAM(Minimizer):
 
     def first_pass(self, batch, **kw):
         """The pass at w whose gradient perturbs; returns (its result, the RNG state to replay or None)."""
-        rng = _rng_state() if self.second_pass_rng == "reuse" else None
+        rng = _rng_state(self.model) if self.second_pass_rng == "reuse" else None
         return batch("ascent", **kw), rng
 
     def perturbed_pass(self, batch, rng=None, **kw):
@@ -212,13 +212,16 @@ class SAM(Minimizer):
         return outs
 
 
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+def _rng_state(model: nn.Module):
+    """What the first pass's stochastic layers draw from: torch's CPU generator and, for a model on a GPU, that
+    GPU's generator (only that one: the others are not drawn from, and there may be many)."""
+    device = next(model.parameters()).device
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else None
+    return torch.get_rng_state(), (index, torch.cuda.get_rng_state(index)) if index is not None else None
 
 
 def _set_rng_state(state) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state(cuda[1], cuda[0])
