@@ -30,27 +30,48 @@ VERSION = 2  # 2: plain values only (weights_only loading), every rank's RNG sta
 PLAIN = (int, float, str, bool, bytes, type(None))
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG streams (python, numpy, torch CPU, CUDA) as tensors and plain values."""
+def cuda_index(device: torch.device | None) -> int | None:
+    """The index of the run's CUDA device (None on the CPU)."""
+    if device is None or device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG streams (python, numpy, torch CPU, and the CUDA generator of the run's own device) as
+    tensors and plain values. One CUDA generator, not every visible GPU's: a run draws from its own device
+    only, and a checkpoint must resume where another number of GPUs is visible (an 8-GPU node's run taken over
+    by a worker that sees one)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
+    index = cuda_index(device) if torch.cuda.is_initialized() else None  # CUDA never used: nothing drawn
     return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                    cached),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+            "cuda": torch.cuda.get_rng_state(index) if index is not None else None}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def own_cuda_state(saved: Any, index: int) -> torch.Tensor:
+    """The saved CUDA generator state to restore on device `index`. Format-2 checkpoints written before this
+    fix hold every visible GPU's state (a list, by position): the run used its own device's, which was the
+    one at its index, else (fewer states than that) the first one."""
+    if isinstance(saved, (list, tuple)):
+        return saved[index] if index < len(saved) else saved[0]
+    return saved
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    index = cuda_index(device)
+    if state["cuda"] is not None and index is not None:
+        torch.cuda.set_rng_state(own_cuda_state(state["cuda"], index), index)
 
 
-def gather_rng_states() -> list[dict[str, Any]] | None:
+def gather_rng_states(device: torch.device | None = None) -> list[dict[str, Any]] | None:
     """Every rank's RNG state, in rank order, on rank 0 (None on the others). All ranks must call it."""
-    mine = rng_state()
+    mine = rng_state(device)
     if not D.is_distributed():
         return [mine]
     states: list | None = [None] * D.world_size() if D.is_main() else None
@@ -58,12 +79,12 @@ def gather_rng_states() -> list[dict[str, Any]] | None:
     return states
 
 
-def restore_rng_state(states: list[dict[str, Any]], path: Path) -> None:
-    """Restore this rank's own stream from a checkpoint's per-rank states."""
+def restore_rng_state(states: list[dict[str, Any]], path: Path, device: torch.device | None = None) -> None:
+    """Restore this rank's own stream from a checkpoint's per-rank states (CUDA: onto the run's own device)."""
     if len(states) != D.world_size():
         raise UserError(f"checkpoint {path} holds the RNG states of {len(states)} processes but "
                         f"{D.world_size()} run; resume with as many, or delete it or pass --restart")
-    set_rng_state(states[D.rank()])
+    set_rng_state(states[D.rank()], device)
 
 
 def check_plain(value: Any, where: str = "checkpoint") -> None:
