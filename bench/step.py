@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from bench import distributed as D
 from bench.batch import Batch
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def train_step(st: TrainState, x, y, autocast, gap: torch.Tensor | None = None):
     ddp = isinstance(st.net, nn.parallel.DistributedDataParallel)
     batch = Batch(step_net(st, y.shape[0]), st.model, x, y, job.loss_fn, cost=st.cost, per_sample_fn=job.loss_per_sample,
                   autocast=autocast, scaler=mz.scaler, micro=cfg.accumulate, no_sync=st.net.no_sync if ddp else None,
+                  weight=global_count_weight(job.count, y) if ddp else 1.0,
                   local_ascent=not (cfg.sync_perturbation or mz.ascent_sync), shakes=tuple(st.shakes),
                   extra_loss=(lambda: l2_term(st.model, cfg.weight_decay)) if cfg.weight_decay_style == "loss" else None)
     st.cost.steps += 1
@@ -78,6 +80,20 @@ def train_step(st: TrainState, x, y, autocast, gap: torch.Tensor | None = None):
     add_gap(gap, [(c.n / batch.n, c) for c in chunks])
     loss = sum(o.loss * (c.n / batch.n) for o, c in zip(outs, chunks))
     return loss, torch.cat([o.out for o in outs])
+
+
+def global_count_weight(count, y) -> torch.Tensor | float:
+    """Under DDP, for a task whose loss is a mean over units it counts (`Job.count`: IWSLT's non-pad target
+    tokens): this rank's count times the world size over the count summed over the ranks, by which its loss is
+    weighted. DDP averages the ranks' gradients, so the step's gradient is then the mean over every rank's
+    tokens, as fairseq divides the summed loss by the global token count (rather than a mean of the ranks'
+    per-token means, which over-weighs the tokens of a rank with fewer). 1.0 where every example is one unit
+    (the ranks' batches are equally large). One all-reduce of one number a step, on the device: no host sync."""
+    if count is None:
+        return 1.0
+    mine = torch.as_tensor(count(y), device=y.device).to(torch.float64)
+    total = D.all_reduce_sum(mine.clone())
+    return (mine * D.world_size() / total.clamp(min=1)).float()
 
 
 def add_gap(acc: torch.Tensor | None, weighted: list[tuple[float, Batch]]) -> None:

@@ -176,8 +176,9 @@ class IWSLT14Task(Task):
 
     def build(self, cfg, device: torch.device) -> Job:
         corpus = load_corpus(cfg.data_dir)
-        train = TokenBatchLoader(corpus.train, cfg.per_replica_batch, shuffle=True, seed=cfg.seed)
-        valid = TokenBatchLoader(corpus.valid, cfg.batch_size, shuffle=False, rank=0, world=1)
+        pin = device.type == "cuda"
+        train = TokenBatchLoader(corpus.train, cfg.per_replica_batch, shuffle=True, seed=cfg.seed, pin=pin)
+        valid = TokenBatchLoader(corpus.valid, cfg.batch_size, shuffle=False, rank=0, world=1, pin=pin)
         model = create_transformer(cfg.model, len(corpus.src_dict), len(corpus.tgt_dict))
         # What the task keeps between epochs, hence saved in the checkpoint (Job.state_dict): the best
         # validation BLEU so far, its epoch and its weights (a CPU copy), and the epochs evaluated.
@@ -191,9 +192,10 @@ class IWSLT14Task(Task):
             sums = torch.zeros(2, dtype=torch.float64, device=dev)
             for b in valid.order()[D.rank()::D.world_size()]:
                 (src, lengths, prev), target = valid._collated[b]
-                logits = model(src.to(dev), lengths.to(dev), prev.to(dev))
+                src, lengths, prev, target = (t.to(dev, non_blocking=True) for t in (src, lengths, prev, target))
+                logits = model(src, lengths, prev)
                 lprobs = F.log_softmax(logits.float(), dim=-1)
-                _, nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), target.to(dev).reshape(-1), 0.0)
+                _, nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), target.reshape(-1), 0.0)
                 sums[0] += nll.double()
                 sums[1] += target.ne(PAD).sum()
             D.all_reduce_sum(sums)

@@ -354,3 +354,19 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(corpus_dir, 
         assert resumed[key] == straight[key], key
     assert [h["valid_bleu"] for h in resumed["epochs"]] == [h["valid_bleu"] for h in straight["epochs"]]
     assert all(torch.equal(straight_weights[k], v) for k, v in job.model.state_dict().items())
+
+
+def test_batches_are_pinned_for_a_gpu_and_not_for_the_cpu(corpus_dir, monkeypatch):
+    """On CUDA the collated batches sit in page-locked memory, so the engine's non_blocking copy overlaps the GPU's
+    work instead of waiting for it (pageable memory); on the CPU nothing is pinned (no GPU: pinning would fail)."""
+    pinned = set()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.add(id(self)) or self)
+    cfg = make_config("iwslt14-de-en", model="transformer_tiny", minimizer="adam", data_dir=str(corpus_dir),
+                      device="cpu")
+    task = get_task("iwslt14-de-en")
+    on_cpu = task.build(cfg, torch.device("cpu"))
+    assert not pinned and len(list(on_cpu.train_loader)) > 0
+    job = task.build(cfg, torch.device("cuda"))  # nothing here touches the GPU but the pinning
+    batches = list(job.train_loader) + [job.test_loader._collated[0]]
+    assert batches and all(id(t) in pinned for (src, lengths, prev), target in batches
+                           for t in (src, lengths, prev, target))

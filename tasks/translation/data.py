@@ -201,11 +201,18 @@ def collate(dataset: PairDataset, idx: Sequence[int], pad: int = PAD, eos: int =
     return (src_tokens, src_lengths, prev), target
 
 
+def pin_batch(batch):
+    """A collated batch ((src, lengths, prev), target) in page-locked host memory."""
+    (src, lengths, prev), target = batch
+    return (src.pin_memory(), lengths.pin_memory(), prev.pin_memory()), target.pin_memory()
+
+
 class TokenBatchLoader:
     """Batches of about `max_tokens` tokens (see the module docstring); `epoch` picks the batch order."""
 
     def __init__(self, dataset: PairDataset, max_tokens: int, shuffle: bool = True, seed: int = 0,
-                 pad: int = PAD, eos: int = EOS, rank: int | None = None, world: int | None = None):
+                 pad: int = PAD, eos: int = EOS, rank: int | None = None, world: int | None = None,
+                 pin: bool = False):
         self.dataset = dataset
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
         self.rank = D.rank() if rank is None else rank
@@ -213,6 +220,8 @@ class TokenBatchLoader:
         self.epoch = 0
         self.batches = batch_by_size(dataset.src_sizes, dataset.tgt_sizes, max_tokens)
         self._collated = [collate(dataset, b, pad, eos) for b in self.batches]  # fixed batches: collate once
+        if pin:  # page-locked: the engine's non_blocking copy to the GPU no longer waits for the GPU to catch up
+            self._collated = [pin_batch(b) for b in self._collated]
 
     def __len__(self) -> int:
         return -(-len(self.batches) // self.world)
