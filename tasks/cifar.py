@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 
+from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
 from bench.task import SYNTHETIC_MARKER
@@ -33,22 +35,34 @@ def is_synthetic(root: str | Path, dataset: str) -> bool:
     return (Path(root) / _SPEC[dataset][1] / SYNTHETIC_MARKER).exists()
 
 
+def _dataset_class(root: str, dataset: str):
+    """torchvision's class, or for synthetic data a copy with md5 None (torchvision then checks only that the
+    files exist)."""
+    cls = _SPEC[dataset][0]
+    if not is_synthetic(root, dataset):
+        return cls
+
+    class Synthetic(cls):
+        train_list = [(f, None) for f, _ in cls.train_list]
+        test_list = [(f, None) for f, _ in cls.test_list]
+        meta = {**cls.meta, "md5": None}
+    return Synthetic
+
+
+def _is_complete(root: str, cls) -> bool:
+    """Every file of both splits and the metadata, checked against the class's md5 sums."""
+    files = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    return all(check_integrity(os.path.join(root, cls.base_folder, name), md5) for name, md5 in files)
+
+
 def load_cifar(root: str | Path, dataset: str, train: bool, transform=None, download: bool = False):
     """torchvision's CIFAR dataset; a missing dataset is a one-line UserError saying how to get it."""
-    cls, folder, _ = _SPEC[dataset]
+    folder = _SPEC[dataset][1]
     root = str(root)
-    if download:
-        try:
-            cls(root, train=train, download=True)
-        except Exception as e:  # network errors come in many types
-            raise UserError(f"could not download {dataset} into {root}: {e}") from None
-    if is_synthetic(root, dataset):
-        # Instance-level copies with md5 None: torchvision then checks only that the files exist.
-        class Synthetic(cls):
-            train_list = [(f, None) for f, _ in cls.train_list]
-            test_list = [(f, None) for f, _ in cls.test_list]
-            meta = {**cls.meta, "md5": None}
-        cls = Synthetic
+    cls = _dataset_class(root, dataset)
+    if download:  # one process downloads (bench/download.py), the others wait and find it done
+        download_once(Path(root) / folder, f"{dataset} into {root}", lambda: _is_complete(root, cls),
+                      lambda: cls(root, train=train, download=True))
     try:
         return cls(root, train=train, transform=transform, download=False)
     except RuntimeError:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
 from bench.task import SYNTHETIC_MARKER
@@ -77,14 +78,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 def load_fashion_mnist(data_dir: str | Path, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 28, 28), labels (N,)) of one split."""
+    if download:  # one process downloads (bench/download.py), the others wait and find it done
+        download_once(Path(data_dir) / "FashionMNIST", f"fashion-mnist into {data_dir}",
+                      lambda: find_folder(data_dir) is not None, lambda: _fetch(data_dir))
     folder = find_folder(data_dir)
-    if folder is None and download:
-        from torchvision import datasets
-        try:
-            datasets.FashionMNIST(str(data_dir), train=True, download=True)
-        except Exception as e:  # network errors come in many types
-            raise UserError(f"could not download fashion-mnist into {data_dir}: {' '.join(str(e).split())}") from None
-        folder = find_folder(data_dir)
     if folder is None:
         raise UserError(f"fashion-mnist not found in {Path(data_dir) / 'FashionMNIST' / 'raw'}/ nor {SYSTEM_DIR}/; "
                         + HOW_TO_GET)
@@ -93,6 +90,11 @@ def load_fashion_mnist(data_dir: str | Path, train: bool, download: bool = False
     if len(images) != len(labels):
         raise UserError(f"{folder}: {len(images)} images but {len(labels)} labels; fetch the data again")
     return images, labels
+
+
+def _fetch(data_dir: str | Path) -> None:
+    from torchvision import datasets
+    datasets.FashionMNIST(str(data_dir), train=True, download=True)
 
 
 class FashionMnistTask(ImageTask):
