@@ -183,7 +183,7 @@ def resume(st: TrainState, path: Path) -> None:
     st.scheduler.load_state_dict(state["scheduler"])
     st.history, st.train_time = state["history"], state["train_time"]
     st.status, st.note = state.get("status", "ok"), state.get("note", "")
-    ckpt.restore_rng_state(state["rng"], path)  # this rank's own streams (see bench.checkpoint)
+    ckpt.restore_rng_state(state["rng"], path, st.device)  # this rank's own streams (see bench.checkpoint)
     if st.job.load_state_dict is not None and state["task"] is not None:
         st.job.load_state_dict(state["task"])
     st.epoch = st.resumed_from = state["epoch"]
@@ -194,7 +194,7 @@ def resume(st: TrainState, path: Path) -> None:
 def save(st: TrainState, path: Path) -> None:
     """Rank 0 writes the checkpoint, with every rank's RNG state, on its writer thread; all ranks must call it.
     `flush` waits until it is on disk: a rank that stops (Interrupted) and restarts must not find the old one."""
-    rngs = ckpt.gather_rng_states()
+    rngs = ckpt.gather_rng_states(st.device)
     if D.is_main():
         st.writer.submit(path, {
             "version": ckpt.VERSION, "run_id": st.cfg.run_id, "epoch": st.epoch,
@@ -354,7 +354,7 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
         reporter.end_epoch(metrics)
         if tracker is not None:  # before the checkpoint: a crash in between repeats an epoch's point, never loses it
             tracker.epoch(st.epoch, metrics)
-        stopping = stop is not None and stop.set and st.epoch < cfg.epochs and st.status == "ok"
+        stopping = stop_asked(st, stop) and st.epoch < cfg.epochs and st.status == "ok"
         if checkpoint is not None and (stopping or checkpoint_due(st)):
             t0 = time.perf_counter()
             save(st, checkpoint)
@@ -366,6 +366,18 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
             raise Interrupted(f"stopped after epoch {st.epoch} of {cfg.epochs}")
     flush(st)
     return summarize(st)
+
+
+def stop_asked(st: TrainState, stop: StopFlag | None) -> bool:
+    """Whether a Ctrl-C asked the run to stop, on any rank. Each rank has its own flag (a signal may reach one
+    rank, or reach them at different steps of the epoch); were each to decide alone, one would stop at its
+    checkpoint's collectives while the others trained on, waiting for each other for ever. One all-reduce of one
+    number per epoch under DDP."""
+    asked = stop is not None and stop.set
+    if not D.is_distributed():
+        return asked
+    flag = torch.tensor([1.0 if asked else 0.0], device=st.device)
+    return D.all_reduce_sum(flag).item() > 0
 
 
 def checkpoint_due(st: TrainState) -> bool:
