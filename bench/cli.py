@@ -160,6 +160,9 @@ def run_cmd(
     fast: Annotated[bool, typer.Option(
         help="CUDA: bf16 autocast, channels_last, torch.compile and TF32 (numerics change slightly; recorded in the "
              "row). Without it every default is the faithful fp32 eager loop.")] = False,
+    deterministic: Annotated[bool, typer.Option(
+        help="Deterministic algorithms, cudnn.benchmark off, cuBLAS's fixed workspace: on a GPU a resumed run is "
+             "then bit-identical to an uninterrupted one (slower; recorded in the row).")] = False,
     keep_weights: Annotated[Optional[bool], typer.Option(
         "--keep-weights/--no-keep-weights", help="Keep the final weights (runs/<run_id>/weights.pt) for `bench "
                                                  "sharpness`.")] = None,
@@ -300,6 +303,8 @@ def reproduce_cmd(
                                                                    "(repeatable), e.g. account=proj.")] = None,
     log: Annotated[str, typer.Option(help="Every run's live tracking: none, tensorboard or wandb.")] = "none",
     checkpoint_every: Annotated[int, typer.Option(help="Every run's checkpoint interval in epochs.")] = 1,
+    deterministic: Annotated[bool, typer.Option(help="Every run with deterministic algorithms (see bench run "
+                                                     "--deterministic).")] = False,
     stale_after: Annotated[float, typer.Option(help="Seconds without heartbeat after which another sweeper "
                                                     "takes a run over.")] = 600.0,
     poll: Annotated[float, typer.Option(help="Seconds between looks while other processes hold runs.")] = 10.0,
@@ -307,6 +312,7 @@ def reproduce_cmd(
 ):
     """Run the paper tables' experiment matrix; skips runs already in the results. Any number of these
     processes (on one machine or many nodes sharing the folder) may work through the same tables at once."""
+    from bench.runtime import sweep_device
     from bench.sweep import launch
     from bench.sweep.plan import describe
     from bench.sweep.status import check_results_folder, status_lines
@@ -320,10 +326,12 @@ def reproduce_cmd(
                             "--gpus-per-run >= 0")
         check_results_folder(results_dir, must_exist=status)
         world = max(gpus_per_run, 1) * nodes_per_run if launcher == "slurm" else 1
+        if not status:  # decided once for every run: a sweep started on GPUs never trains on the CPU
+            device = sweep_device(device, slurm=launcher == "slurm", gpus_per_run=gpus_per_run, gpus=gpus)
         spec = SweepSpec(tuple(tables or ()), preset, results_dir, seeds=seeds, data_dir=data_dir, device=device,
                          workers=default_workers() if workers is None else workers, force=force,
                          download=download, world_size=world, poll=poll, stale_after=stale_after, log=log,
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, deterministic=deterministic)
         if log != "none":
             from bench.tracking import check_tracking
             check_tracking(log)

@@ -16,7 +16,7 @@ from bench.errors import UserError
 
 # Settings that say where or how fast a run happens, not what it computes: left out of the run id.
 NOT_IDENTITY = ("device", "workers", "data_dir", "download", "results_dir", "loader", "channels_last", "compile",
-                "lr_recipe", "target_acc", "keep_weights", "checkpoint_every", "log", "fast")
+                "lr_recipe", "target_acc", "keep_weights", "checkpoint_every", "log", "fast", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ class RunConfig:
     checkpoint_every: int = 1       # write the resume checkpoint every N epochs (and at the last, and when stopped)
     log: str = "none"               # live tracking: none | tensorboard | wandb (the CSVs stay the source of truth)
     fast: bool = False              # --fast was given: bf16 autocast, channels_last, torch.compile, TF32 matmuls
+    deterministic: bool = False     # deterministic algorithms, cudnn.benchmark off, cuBLAS workspace (GPU: a resume
+                                    # bit-identical to an uninterrupted run; slower)
 
     def __hash__(self) -> int:      # mopts is a dict: hash what identifies the run
         return hash(self.run_id)
@@ -245,6 +247,9 @@ def validate(cfg: RunConfig) -> None:
          "m = the per-replica batch)")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    need(not (cfg.world_size > 1 and cfg.device.startswith("cuda:")),
+         f"--device {cfg.device} with {cfg.world_size} processes (torchrun) would put every rank on that one GPU; "
+         "pass --device cuda (each rank takes its own, LOCAL_RANK's) and choose GPUs with CUDA_VISIBLE_DEVICES")
 
 
 def _check_minimizer(cfg: RunConfig) -> None:

@@ -15,6 +15,7 @@ from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
 from bench.engine import Reporter, StopFlag, device_name, numerics_flags, resolve_device, seed_everything, train
 from bench.errors import UserError
 from bench.registry import get_task, task_names
+from bench.runtime import check_deterministic, deterministic_mode, precision_note
 from bench.results import (FINISHED, atomic_write, provenance, read_header, read_record, rebuild_csv, result_rows,
                            run_folder, write_csv, write_record)
 
@@ -37,6 +38,11 @@ def make_config(task_name: str, **overrides: Any) -> RunConfig:
             raise UserError(f"--{name.replace('_', '-')} does not apply to task {task_name}; it is a setting "
                             f"of: {', '.join(users) or 'no task'}")
     cfg = build_config(task_name, task.recipe(model), {**overrides, "model_rev": task.model_rev(model)})
+    if cfg.loader not in task.loader_kinds:
+        raise UserError(f"--loader {cfg.loader} does not apply to task {task_name}: its data takes "
+                        f"{' or '.join(task.loader_kinds)} (--loader device holds a whole in-memory image dataset on the GPU: "
+                        "CIFAR, SVHN, Fashion-MNIST)")
+    check_deterministic(cfg)
     task.check_config(cfg)
     return cfg
 
@@ -99,8 +105,9 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, restart: bool =
         if D.broadcast_object(done is not None) and not force:
             rebuild_csv(cfg.results_dir, cfg.task)  # repairs a CSV a crash left one run behind
             raise AlreadyDone(done or {"run_id": cfg.run_id})
-        return _train_and_record(cfg, reporter, restart=restart or force, keep_checkpoint=keep_checkpoint,
-                                 stop=stop, log=log)
+        with deterministic_mode(cfg.deterministic):
+            return _train_and_record(cfg, reporter, restart=restart or force, keep_checkpoint=keep_checkpoint,
+                                     stop=stop, log=log)
 
 
 def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoint: bool, stop, log) -> dict:
@@ -114,7 +121,7 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
     if cfg.world_size != D.world_size():
         raise UserError(f"the config says world_size={cfg.world_size} but {D.world_size()} processes run; "
                         "leave world_size to torchrun")
-    device = resolve_device(cfg.device, D.local_rank())
+    device = prepare_device(cfg, log)
     seed_everything(cfg.seed)  # before the task builds the model: the same initialisation on every rank
     t0 = time.perf_counter()
     job = task.build(cfg, device)
@@ -141,7 +148,8 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
     row: dict[str, Any] = {"run_id": cfg.run_id, "status": summary.pop("status"),
                            "synthetic": job.synthetic, **cfg.to_row(), **job.info,
                            "per_replica_batch": cfg.per_replica_batch, "global_batch": cfg.batch_size,
-                           **summary, "wall_time_s": wall, **numerics_flags(), **provenance(device_name(device))}
+                           **summary, "wall_time_s": wall, "peak_mem_mib": peak_memory_mib(device),
+                           **numerics_flags(), **provenance(device_name(device))}
     if "test_acc" in job.track and D.is_main():
         row.update(target_fields(history, accuracy_target(cfg, row)))
     if D.is_main():  # only rank 0 writes results
@@ -152,6 +160,32 @@ def _train_and_record(cfg: RunConfig, reporter, *, restart: bool, keep_checkpoin
             ckpt.unlink()
     D.barrier()
     return row
+
+
+def prepare_device(cfg: RunConfig, log) -> torch.device:
+    """The run's device, made current (libraries that allocate on "the" GPU use ours), a line for a precision
+    this GPU emulates, and its peak-memory counter reset (the row's peak_mem_mib)."""
+    device = resolve_device(cfg.device, D.local_rank())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    note = precision_note(cfg.precision, device)
+    if note and D.is_main():
+        log(note)
+    return device
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """The most memory tensors held on the run's GPU at once since prepare_device, in MiB, the largest over the
+    ranks (None on the CPU). This process's share only: a resumed run reports its last session's peak."""
+    if device.type != "cuda":
+        return None
+    peak = float(torch.cuda.max_memory_allocated(device))
+    if D.is_distributed():
+        largest = torch.tensor([peak], device=device)
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        peak = largest.item()
+    return peak / 2**20
 
 
 def open_tracker(cfg: RunConfig):

@@ -12,19 +12,46 @@ import torch
 from torch import nn
 
 from bench import distributed as D
+from bench import gpu
 from bench.config import RunConfig
 from bench.errors import UserError
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The run's device, with an index for CUDA (its own GPU: LOCAL_RANK's under torchrun). `auto` is CUDA where
+    torch can use it, else the CPU, except where an NVIDIA GPU is present but unusable (an old driver for the
+    wheel's CUDA): that is one line saying what to install, never a silent run on the CPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine "
-                        "(no GPU or a CPU-only torch build); use --device cpu or --device auto")
+        raise UserError(f"--device {name}: " + (gpu.cuda_problem() or "CUDA is not available on this machine (no "
+                                                 "NVIDIA GPU or driver); use --device cpu"))
     if name == "auto":
+        problem = None if torch.cuda.is_available() else gpu.cuda_problem()
+        if problem:
+            raise UserError(f"--device auto: {problem}")
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and D.is_distributed():
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    if name == "cuda":
+        return torch.device("cuda", D.cuda_index() if D.is_distributed() else torch.cuda.current_device())
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this process sees {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}); name one of those")
+    return device
+
+
+def sweep_device(device: str, *, slurm: bool = False, gpus_per_run: int = 1, gpus: str | None = None) -> str:
+    """The device every run of a sweep gets. `auto` is decided once, here: a sweep started on GPUs (CUDA usable
+    here, local --gpus, or SLURM with GPUs per run) gives its runs `cuda`, so that a run whose process then
+    finds no usable GPU fails in one line instead of training on the CPU; `cpu` on a machine without a GPU."""
+    if device != "auto":
+        return device
+    if slurm:
+        return "cuda" if gpus_per_run >= 1 else "cpu"
+    if gpus or torch.cuda.is_available():
+        return "cuda"
+    problem = gpu.cuda_problem()
+    if problem:
+        raise UserError(f"--device auto: {problem}")
+    return "cpu"
 
 
 def device_name(device: torch.device) -> str:
@@ -73,19 +100,115 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_e
 
 def set_backend_flags(cfg: RunConfig, device: torch.device) -> None:
     """cudnn.benchmark on CUDA (it picks the fastest convolution algorithms for the run's fixed shapes: the same
-    arithmetic up to rounding); --fast also allows TF32 matmuls. The row records the flags (`numerics_flags`)."""
+    arithmetic up to rounding) unless --deterministic (see `deterministic_mode`); --fast also allows TF32 matmuls.
+    The row records the flags (`numerics_flags`)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.fast:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic (CUDA >= 10.2); read when cuBLAS starts
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """--deterministic, inside the block: deterministic algorithms (torch raises on an op that has none: that
+    becomes one line), cuDNN's deterministic convolutions without benchmarking, cuBLAS's fixed workspace and
+    torch.compile's deterministic mode; the previous settings are restored after (callers in one process, tests).
+    Entered before anything runs on the GPU: cuBLAS reads its variable when it starts."""
+    if not on:
+        yield
+        return
+    import os
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    inductor = _inductor_config() if compile_can_be_deterministic() else None
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             inductor.deterministic if inductor else None)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if inductor:
+        inductor.deterministic = True
+    try:
+        yield
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        raise UserError(f"--deterministic: {' '.join(str(e).split())[:200]}; run without --deterministic (a resume is "
+                        "then equal up to rounding: README, 'Determinism')") from None
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        if inductor:
+            inductor.deterministic = saved[4]
+
+
+def _inductor_config():
+    import torch._inductor.config as inductor
+    return inductor
+
+
+def compile_can_be_deterministic() -> bool:
+    """Whether this torch's compiler has a deterministic mode (torch._inductor.config.deterministic: no
+    benchmarking that changes numerics); older ones pick kernels by timing them."""
+    try:
+        return hasattr(_inductor_config(), "deterministic")
+    except ImportError:
+        return False
+
+
+def check_deterministic(cfg: RunConfig) -> None:
+    """--deterministic with --compile where this torch cannot compile deterministically: one line."""
+    if cfg.deterministic and cfg.compile and not compile_can_be_deterministic():
+        raise UserError(f"--deterministic with --compile: torch {torch.__version__} has no deterministic mode for "
+                        "torch.compile (it picks kernels by timing them); drop --compile (or --fast), or upgrade torch")
+
+
+@contextlib.contextmanager
+def training_flags(device: torch.device):
+    """Inside the block, the backend flags `bench run` trains with on `device` (its defaults: cudnn.benchmark on
+    CUDA), for timings that should match training; the previous flags are restored after."""
+    from types import SimpleNamespace
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    set_backend_flags(SimpleNamespace(fast=False, deterministic=False), device)
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 arithmetic as written inside the block: no TF32 in matmuls or cuDNN convolutions (torch allows it
+    in convolutions by default, and --fast in matmuls too: on Ampere and later that is a 10-bit mantissa);
+    the flags are restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def numerics_flags() -> dict[str, Any]:
     """What the backends were allowed to do, for the row: TF32 in matmuls and in cuDNN convolutions (torch's
-    defaults: off and on), cudnn.benchmark."""
+    defaults: off and on), cudnn.benchmark, deterministic algorithms."""
     return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+
+
+def precision_note(precision: str, device: torch.device) -> str:
+    """A line for a precision that runs slower than expected on this device ('' otherwise): bf16 on a GPU that
+    only emulates it (before Ampere) is slower than fp32."""
+    if precision == "bf16" and device.type == "cuda" and not gpu.native_bf16(device):
+        return (f"note: --precision bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is emulated, slower than fp32: "
+                "bf16 needs compute capability 8.0 (Ampere) or later; use --precision fp16 or fp32 here")
+    return ""
 
 
 def check_fp16(device: torch.device) -> None:

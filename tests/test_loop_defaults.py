@@ -125,7 +125,8 @@ def test_backend_flags_cudnn_benchmark_on_cuda_and_tf32_with_fast():
         assert numerics_flags()["cudnn_benchmark"] is False
         set_backend_flags(tiny_cfg(), torch.device("cuda"))  # sets flags only: no GPU needed
         set_backend_flags(tiny_cfg(fast=True), CPU)
-        assert numerics_flags() == {"tf32_matmul": True, "tf32_cudnn": True, "cudnn_benchmark": True}
+        assert numerics_flags() == {"tf32_matmul": True, "tf32_cudnn": True, "cudnn_benchmark": True,
+                                    "deterministic_algorithms": False}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved["tf32_matmul"]
         torch.backends.cudnn.allow_tf32 = saved["tf32_cudnn"]

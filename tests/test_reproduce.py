@@ -257,7 +257,25 @@ def test_dry_run_lists_runs_skips_and_measured_speed(tmp_path):
                                           "device_name": "NVIDIA H100"})
     text = "\n".join(describe(plan(TABLES, ["asam2"], "full", results_dir=str(tmp_path)), tmp_path))
     assert "~8.3 GPU-h measured + 115 runs of unmeasured speed" in text
-    assert "1.67 h on NVIDIA H100" in text
+    assert "1.67 GPU-h on 1 x NVIDIA H100" in text
+
+
+def test_dry_run_gpu_hours_count_every_gpu_and_match_precision_and_compile(tmp_path):
+    """GPU-hours are all the run's GPUs' hours, and a speed holds only for its precision and compile setting:
+    a bf16 compiled row says nothing of an fp32 eager run."""
+    from bench.results import append_row
+    row = {"status": "ok", "synthetic": False, "task": "cifar10", "model": "wrn28_10", "minimizer": "asam",
+           "epochs_done": 2, "device_name": "NVIDIA H100"}
+    append_row(tmp_path / "cifar10.csv", {**row, "run_id": "a", "train_time_s": 20.0, "world_size": 4,
+                                          "precision": "fp32", "compile": False})   # 10 s/epoch on 4 GPUs
+    append_row(tmp_path / "cifar10.csv", {**row, "run_id": "b", "train_time_s": 4.0, "world_size": 1,
+                                          "precision": "bf16", "compile": True})    # 2 s/epoch on 1 GPU
+    eager = plan(TABLES, ["asam2"], "full", results_dir=str(tmp_path), world_size=4)
+    text = "\n".join(describe(eager, tmp_path))
+    assert "2.22 GPU-h on 4 x NVIDIA H100" in text  # 10 s x 200 epochs x 4 GPUs
+    one = "\n".join(describe(plan(TABLES, ["asam2"], "full", results_dir=str(tmp_path)), tmp_path))
+    assert "2.22 GPU-h on 4 x NVIDIA H100, scaled to 1" in one
+    assert "0.11 GPU-h" not in one and "fp32 on 1 GPU(s)" in one  # the bf16 compiled row's 2 s/epoch: not ours
 
 
 def test_cli_reproduce_dry_run_and_errors(tmp_path):

@@ -57,9 +57,10 @@ class TablePlan:
 def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int | None = None,
          results_dir: str = "results", data_dir: str = "data", device: str = "auto", workers: int = 2,
          force: bool = False, download: bool = False, world_size: int = 1, log: str = "none",
-         checkpoint_every: int = 1) -> list[TablePlan]:
+         checkpoint_every: int = 1, deterministic: bool = False) -> list[TablePlan]:
     """The runs of the named tables (a paper's name stands for its tables; none: every table with the
-    preset) under `preset`. `log` and `checkpoint_every` reach every run (neither is part of a run id)."""
+    preset) under `preset`. `log`, `checkpoint_every` and `deterministic` reach every run (none is part of a
+    run id)."""
     if preset not in known_presets(tables):
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(known_presets(tables))}")
     if seeds is not None and seeds < 1:
@@ -67,7 +68,8 @@ def plan(tables: dict[str, dict], names: list[str], preset: str, *, seeds: int |
     names = expand_names(tables, names)
     done = set() if force else completed_run_ids(results_dir)
     where = dict(results_dir=results_dir, data_dir=data_dir, device=device, workers=workers,
-                 world_size=world_size, download=download, log=log, checkpoint_every=checkpoint_every)
+                 world_size=world_size, download=download, log=log, checkpoint_every=checkpoint_every,
+                 deterministic=deterministic)
     plans = []
     for name in names or [n for n in tables if preset in tables[n].get("presets", {})]:
         spec = tables[name]
@@ -145,20 +147,45 @@ def _not_built(cell: Cell) -> str:
     return ""
 
 
-def measured_epoch_seconds(results_dir: str | Path) -> dict[tuple[str, str, str], tuple[float, str]]:
-    """(task, model, minimizer) -> (training seconds per epoch, device) from earlier GPU rows, real data only.
+SpeedKey = tuple  # (task, model, minimizer, precision, compile)
+
+
+def speed_key(task: str, model: str, minimizer: str, precision: Any = "fp32", compile_: Any = False) -> SpeedKey:
+    """What a measured speed holds for: the same network and minimizer at the same precision, compiled or not
+    (bf16 + compile runs several times faster than fp32 eager). Older rows without the columns: fp32, eager."""
+    return (task, model, minimizer, str(precision or "fp32"), str(compile_) in ("True", "true", "1"))
+
+
+def measured_epoch_seconds(results_dir: str | Path) -> dict[SpeedKey, dict[int, tuple[float, str]]]:
+    """speed_key -> {GPUs of the run: (training seconds per epoch, device)} from earlier GPU rows, real data only.
     Training time, not wall time: a resumed run's wall time covers only its last session."""
-    speeds: dict[tuple[str, str, str], tuple[float, str]] = {}
+    speeds: dict[SpeedKey, dict[int, tuple[float, str]]] = {}
     for r in result_rows(results_dir):
         if r.get("status") != "ok" or r.get("synthetic") == "True" or "cpu" in r.get("device_name", "cpu").lower():
             continue
         try:
             epochs = float(r.get("epochs_done") or 0)
             if epochs > 0:
-                speeds[(r["task"], r["model"], r["minimizer"])] = (float(r["train_time_s"]) / epochs, r["device_name"])
+                key = speed_key(r["task"], r["model"], r["minimizer"], r.get("precision"), r.get("compile"))
+                gpus = int(float(r.get("world_size") or 1))
+                speeds.setdefault(key, {})[gpus] = (float(r["train_time_s"]) / epochs, r["device_name"])
         except (KeyError, ValueError, TypeError):
             continue  # a row from an older or foreign CSV: no speed to learn from it
     return speeds
+
+
+def gpu_hours(cfg: RunConfig, speeds: dict) -> tuple[float, str] | None:
+    """GPU-hours of a planned run (all its GPUs: seconds per epoch x epochs x GPUs) and how it was estimated;
+    None without a measured speed. A speed measured on another number of GPUs is taken as GPU-seconds per epoch
+    (perfect scaling), and said."""
+    by_gpus = speeds.get(speed_key(cfg.task, cfg.model, cfg.minimizer, cfg.precision, cfg.compile))
+    if not by_gpus:
+        return None
+    if cfg.world_size in by_gpus:
+        seconds, device = by_gpus[cfg.world_size]
+        return seconds * cfg.epochs * cfg.world_size / 3600, f"on {cfg.world_size} x {device}"
+    gpus, (seconds, device) = max(by_gpus.items())
+    return seconds * gpus * cfg.epochs / 3600, f"on {gpus} x {device}, scaled to {cfg.world_size}"
 
 
 def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
@@ -169,13 +196,9 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
         if tp.skipped:
             lines.append(f"{tp.name}: skipped: {tp.skipped}")
             continue
-        hours, missing = 0.0, 0
-        for cfg in tp.todo:
-            speed = speeds.get((cfg.task, cfg.model, cfg.minimizer))
-            if speed:
-                hours += speed[0] * cfg.epochs / 3600
-            else:
-                missing += 1
+        estimates = {cfg.run_id: gpu_hours(cfg, speeds) for cfg in tp.todo}
+        hours = sum(e[0] for e in estimates.values() if e)
+        missing = sum(e is None for e in estimates.values())
         total_h += hours
         unknown += missing
         est = f"~{hours:.1f} GPU-h measured" if hours else "GPU-h unknown"
@@ -186,11 +209,12 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
                      f"{len(tp.todo)} to run{data}; {est}")
         lines += [f"  not planned: {why} ({n} runs)" for why, n in tp.unplanned.items()]
         for cfg in tp.todo:
-            speed = speeds.get((cfg.task, cfg.model, cfg.minimizer))
-            eta = f"{speed[0] * cfg.epochs / 3600:.2f} h on {speed[1]}" if speed else "speed not measured"
+            e = estimates[cfg.run_id]
+            eta = f"{e[0]:.2f} GPU-h {e[1]}" if e else "speed not measured"
             cell = " / ".join(label for label in tp.cells.get(cfg.run_id, ()) if label)
             lines.append(f"  {cfg.run_id}  {f'[{cell}] ' if cell else ''}{cfg.model} {cfg.minimizer} rho={cfg.rho} "
-                         f"noise={cfg.noise} epochs={cfg.epochs} seed={cfg.seed}  ({eta})")
+                         f"noise={cfg.noise} epochs={cfg.epochs} seed={cfg.seed} {cfg.precision}"
+                         f"{' compiled' if cfg.compile else ''} on {cfg.world_size} GPU(s)  ({eta})")
     left = sum(n for t in plans for n in t.unplanned.values())
     lines.append(f"total: {sum(len(t.todo) for t in plans)} runs to do"
                  + (f" ({left} more not planned: their parts are not built yet)" if left else "")

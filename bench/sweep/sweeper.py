@@ -48,6 +48,7 @@ class SweepSpec:
     world_size: int = 1                   # GPUs (processes) per run
     log: str = "none"                     # every run's --log
     checkpoint_every: int = 1             # every run's --checkpoint-every
+    deterministic: bool = False           # every run's --deterministic
     poll: float = 10.0
     stale_after: float = STALE_AFTER
     heartbeat_every: float = HEARTBEAT_EVERY
@@ -57,7 +58,7 @@ class SweepSpec:
         return plan(load_tables(tables_file()), list(self.tables), self.preset, seeds=self.seeds,
                     results_dir=self.results_dir, data_dir=self.data_dir, device=self.device,
                     workers=self.workers, force=self.force, download=self.download, world_size=self.world_size,
-                    log=self.log, checkpoint_every=self.checkpoint_every)
+                    log=self.log, checkpoint_every=self.checkpoint_every, deterministic=self.deterministic)
 
     def sweeper(self, label: str = "") -> "Sweeper":
         prefix = f"[{label}] " if label else ""

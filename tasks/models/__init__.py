@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -51,6 +53,15 @@ def model_names() -> list[str]:
 def dropout_models() -> list[str]:
     """The registered models whose builder takes `dropout`."""
     return [name for name in model_names() if MODEL_INFO[name]["dropout"]]
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C), the mean of each map: torch's adaptive average pooling, except under deterministic
+    algorithms (--deterministic), where torch refuses that op's CUDA backward as possibly non-deterministic (it
+    checks the op, not the 1x1 case, whose kernel is deterministic): then the plain mean, equal up to rounding."""
+    if torch.are_deterministic_algorithms_enabled():
+        return x.mean((2, 3))
+    return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
 def count_params(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.models import register_model
+from tasks.models import global_avg_pool, register_model
 
 BlockFn = Callable[[int, int, int], nn.Module]   # (in_planes, planes, stride) -> block with .out_planes
 
@@ -93,7 +93,7 @@ class CifarResNet(nn.Module):
         if self.preact:
             x = F.relu(self.norm1(x))
         # adaptive pooling: 8x8 maps at 32x32 inputs, 7x7 at 28x28 (Fashion-MNIST)
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(global_avg_pool(x))
 
 
 def resnet(depth: int, num_classes: int = 10, in_chans: int = 3, width: int = 16) -> CifarResNet:

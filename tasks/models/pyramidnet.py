@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.models.cifar_resnet import init_official
-from tasks.models import register_model
+from tasks.models import global_avg_pool, register_model
 
 
 class ShakeDropFunction(torch.autograd.Function):
@@ -141,7 +141,7 @@ class PyramidNet(nn.Module):
         out = self.bn1(self.conv1(x))
         out = self.blocks(out)
         out = F.relu(self.bn_final(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        out = global_avg_pool(out)
         return self.fc(out)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.models.cifar_resnet import init_official
-from tasks.models import register_model
+from tasks.models import global_avg_pool, register_model
 
 
 class ShakeShakeFunction(torch.autograd.Function):
@@ -121,7 +121,7 @@ class ShakeShakeNet(nn.Module):
 
     def forward(self, x):
         x = self.blocks(self.norm1(self.conv1(x)))
-        x = F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)
+        x = global_avg_pool(F.relu(x))
         return self.fc(x)
 
 
