@@ -49,6 +49,7 @@ class Task:
     description: str = ""
     base_optimizer: str = "sgd"
     settings: tuple[str, ...] = ()  # task-specific RunConfig fields this task reads (e.g. "noise")
+    loader_kinds: tuple[str, ...] = ("auto",)  # the --loader values this task honours (any other is refused)
 
     def __init__(self, name: str, **kwargs: Any):
         self.name = name

@@ -50,6 +50,7 @@ def mlp(num_classes: int = 10, hidden: int = 256, dropout: float = 0.0) -> nn.Mo
                                            "noise, MLP: the no-download demo")
 class DigitsNoiseTask(Task):
     settings = ("noise", "noise_seed", "dropout")
+    loader_kinds = ("auto", "device")  # always device-resident tensors (TensorLoader)
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         return {**RECIPE, "models": ["mlp"]}

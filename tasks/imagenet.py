@@ -53,6 +53,7 @@ def load_split(root: Path, split: str, transform) -> datasets.ImageFolder:
 @register_task("imagenet", description="ImageNet, ASAM Table 4 (folder layout, timm models; top-1/top-5)")
 class ImageNetTask(Task):
     base_optimizer = "sgd"
+    loader_kinds = ("auto", "torchvision")  # JPEG files decoded by DataLoader workers: no device-resident loader
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         return {**RECIPE, "models": [RECIPE["model"], "(any timm model name)"]}
@@ -75,9 +76,8 @@ class ImageNetTask(Task):
         train = make_loader(train_set, cfg.per_replica_batch, train=True, seed=cfg.seed, workers=cfg.workers,
                             device=device)
         val = make_loader(val_set, cfg.per_replica_batch, train=False, seed=cfg.seed, workers=cfg.workers, device=device)
+        # NCHW unless --channels-last (the engine converts the model then, and the row says so)
         model: nn.Module = timm.create_model(cfg.model, pretrained=False, num_classes=len(train_set.classes))
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
         return Job(model=model, train_loader=train, test_loader=val, loss_fn=make_loss(cfg.label_smoothing),
                    num_train=len(train_set), topk=(1, 5) if len(train_set.classes) >= 5 else (1,),
                    loss_per_sample=cross_entropy_per_example(cfg.label_smoothing),  # make_loss, per example

@@ -148,6 +148,7 @@ class ImageTask(Task):
     overrides: str = ""
     base_optimizer = "sgd"
     settings: tuple[str, ...] = ("augment",)
+    loader_kinds = ("auto", "torchvision", "device")
     local_models: tuple[str, ...] = ()  # LOCAL_MODELS this task offers besides the zoo
 
     # -- the recipe, as data --------------------------------------------------------------------------

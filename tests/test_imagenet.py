@@ -59,3 +59,21 @@ def test_missing_and_malformed_trees(tmp_path):
         task.build(make_config("imagenet", minimizer="sgd", data_dir=str(tmp_path)), device=None)
     r = runner.invoke(app, ["run", "imagenet", "--model", "nosuchnet"])
     assert r.exit_code == 2 and "unknown model 'nosuchnet'" in r.output
+
+
+def test_the_model_is_in_the_format_the_row_says(fake_imagenet):
+    """No hidden channels_last on CUDA: the row's channels_last is what ran (the engine converts when asked)."""
+    import torch
+    cfg = make_config("imagenet", model="resnet10t", minimizer="sgd", data_dir=str(fake_imagenet), workers=0)
+    job = get_task("imagenet").build(cfg, torch.device("cuda"))  # building touches no GPU
+    assert not cfg.channels_last
+    assert all(p.is_contiguous() for p in job.model.parameters() if p.dim() == 4)
+
+
+def test_loader_device_is_refused_in_one_line(fake_imagenet, tmp_path):
+    with pytest.raises(UserError, match="--loader device does not apply to task imagenet"):
+        make_config("imagenet", minimizer="sgd", loader="device")
+    r = runner.invoke(app, ["run", "imagenet", "--model", "resnet10t", "--loader", "device", "--data-dir",
+                            str(fake_imagenet), "--results-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "--loader device does not apply" in r.output and not list(tmp_path.iterdir())
+    assert make_config("imagenet", minimizer="sgd", loader="torchvision").loader == "torchvision"
