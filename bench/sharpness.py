@@ -123,7 +123,16 @@ def _eval_loss(out, y):
 def measure_run(results_dir: str | Path, run_id: str, request: Request, pairs: list | None = None,
                 log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
     """Measure `run_id` as `request` says (only `pairs` of it, when given); write the rows to sharpness.csv
-    and return them."""
+    and return them. fp32 as the protocol says: TF32 off inside (torch's default allows it in convolutions)."""
+    from bench.runtime import exact_fp32
+    with exact_fp32():
+        rows = _measure(results_dir, run_id, request, pairs, log)
+    write_rows(results_dir, rows)
+    return rows
+
+
+def _measure(results_dir: str | Path, run_id: str, request: Request, pairs: list | None,
+             log: Callable[[str], None]) -> list[dict[str, Any]]:
     import dataclasses
 
     from bench import sharpness_measures as sm
@@ -153,7 +162,6 @@ def measure_run(results_dir: str | Path, run_id: str, request: Request, pairs: l
         rows.append({"run_id": run_id, "measure": name, "rho": rho, "value": value, **common,
                      "measure_s": seconds, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      **{k: v for k, v in run.record.items() if k not in common and k not in KEY}})
-    write_rows(results_dir, rows)
     return rows
 
 

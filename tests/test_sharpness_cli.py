@@ -124,3 +124,26 @@ def test_study_smoke_trains_measures_reports_and_resumes(tmp_path):
     assert "Sharpness and the generalization gap" in md and "Kendall" in md
     assert "| CIFAR-10 | worst_adaptive_l2 | 0.5 | 4 |" in md
     assert len(list(res.glob("report-sharpness-*.png"))) == len(MEASURES)
+
+
+def test_measures_run_in_exact_fp32_whatever_the_tf32_flags(kept, monkeypatch):
+    """The protocol says fp32: TF32 (torch's default in cuDNN convolutions, --fast's in matmuls) is off while
+    measuring, and the flags are as they were afterwards."""
+    from bench import sharpness_measures as sm
+    results, run_id = kept
+    seen, measure = [], sm.measure
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(sm, "measure", spy)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        r = invoke("sharpness", run_id, "--results-dir", results, "--measure", "worst_l2", *FAST)
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert r.exit_code == 0, r.output
+    assert seen == [(False, False)] and after == (True, True)
