@@ -41,10 +41,10 @@ the minimizers stay fp32).
 Peak memory (CUDA only; `None` on CPU, where torch has no allocator statistics and the process's RSS
 would mix in everything else): after the timing rounds every model is freed, then each minimizer in turn
 gets a fresh copy of the model and optimizer, `torch.cuda.reset_peak_memory_stats`, and `memory_steps`
-steps; `peak_mem_mb` = `max_memory_allocated` minus what was allocated before the copy was made, i.e. the
+steps; `peak_mem_mib` = `max_memory_allocated` minus what was allocated before the copy was made, i.e. the
 whole footprint of training with that minimizer: weights, momentum, gradients, activations and SAM's
-perturbation. `param_mb` is the weights' own size, so "SAM peak <= SGD peak + one copy of the parameters"
-reads `peak_mem_mb(sam) <= peak_mem_mb(sgd) + param_mb`.
+perturbation. `param_mib` is the weights' own size, so "SAM peak <= SGD peak + one copy of the parameters"
+reads `peak_mem_mib(sam) <= peak_mem_mib(sgd) + param_mib`.
 
 The peer (`peer=True`) is `pytorch_optimizer.SAM` (PyPI `pytorch-optimizer`) with the same base SGD,
 rho = `sam_rho` and adaptive=False, used as its documentation says: one closure call at the current
@@ -69,6 +69,7 @@ from torch import nn
 from bench.batch import Batch, Cost
 from bench.errors import UserError
 from bench.minimizers import MINIMIZERS, create_minimizer
+from bench.runtime import numerics_flags, training_flags
 
 PRECISIONS = ("fp32", "bf16")
 PEER = "peer-sam"
@@ -78,8 +79,8 @@ PEER_HINT = "pip install pytorch-optimizer (or: pip install 'sambench[peer]')"
 
 COLUMNS = ["minimizer", "impl", "model", "batch_size", "steps", "warmup", "precision", "device_name",
            "ms_median", "ms_p10", "ms_p90", "ratio_to_sgd", "ms_mean", "mean_ratio_to_sgd", "images_per_s", "passes", "pass_ms", "opt_ms",
-           "minimizer_ms", "overhead_ms", "overhead_pct", "peak_mem_mb", "param_mb", "rho", "eta", "seed",
-           "torch_version"]
+           "minimizer_ms", "overhead_ms", "overhead_pct", "peak_mem_mib", "param_mib", "rho", "eta", "seed",
+           "torch_version", "tf32_matmul", "tf32_cudnn", "cudnn_benchmark", "deterministic_algorithms"]
 
 
 # -- timers ------------------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def summarize(timings: dict[str, list[StepTiming]], passes: dict[str, int], batc
     return out
 
 
-def param_mb(model: nn.Module) -> float:
+def param_mib(model: nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
@@ -376,7 +377,9 @@ def measure(model_name: str, num_classes: int, batch_size: int, steps: int, devi
     x, y = make_batch(batch_size, num_classes, device, seed)
     timer = timer or make_timer(device)
 
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    cuda = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with cuda, training_flags(device):  # cudnn.benchmark as in training: convolutions timed as they would run
+        flags = numerics_flags()
         contestants = build_contestants(initial, [PASS, *names], hparams, device)
         run_rounds(contestants, x, y, warmup, timer, precision, trace)
         timer.sync()
@@ -397,8 +400,8 @@ def measure(model_name: str, num_classes: int, batch_size: int, steps: int, devi
         rows.append({
             "minimizer": n, "impl": impl, "model": model_name, "batch_size": batch_size,
             "steps": steps, "warmup": warmup, "precision": precision, "device_name": dev_name,
-            **stats[n], "peak_mem_mb": peaks[n], "param_mb": param_mb(initial),
-            "rho": hp.get("rho"), "eta": hp.get("eta"), "seed": seed, "torch_version": torch.__version__,
+            **stats[n], "peak_mem_mib": peaks[n], "param_mib": param_mib(initial),
+            "rho": hp.get("rho"), "eta": hp.get("eta"), "seed": seed, "torch_version": torch.__version__, **flags,
         })
     return [{k: row[k] for k in COLUMNS} for row in rows]
 
@@ -476,8 +479,8 @@ def format_table(rows: Sequence[dict]) -> str:
         ("minimizer", "minimizer"), ("ms/step", "ms_median"), ("p10–p90", None), ("× sgd", "ratio_to_sgd"),
         ("× sgd (mean)", "mean_ratio_to_sgd"), ("passes/step", "passes"),
         ("img/s", "images_per_s"), ("pass ms", "pass_ms"), ("SAM's own ms", "minimizer_ms"),
-        ("own %", "overhead_pct"), ("step − passes ms", "overhead_ms"), ("peak MB", "peak_mem_mb"),
-        ("params MB", "param_mb")]
+        ("own %", "overhead_pct"), ("step − passes ms", "overhead_ms"), ("peak MiB", "peak_mem_mib"),
+        ("params MiB", "param_mib")]
     label = lambda r: f"{r['minimizer']} ({r['impl']})" if r.get("impl") not in (None, "sambench") else r["minimizer"]  # noqa: E731
     lines = markdown_rows(rows, cols, ratios=("ratio_to_sgd", "mean_ratio_to_sgd"), label=label)
     return caption + "\n\n" + "\n".join(lines) if caption else "\n".join(lines)

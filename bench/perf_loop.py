@@ -35,6 +35,9 @@ Per minimizer (one row each, the base optimizer first):
     first_step_ms               the first step's wall time (built, not yet warm)
     compile_s                   with --compile: first step's wall time - ms_median (None without)
     passes_per_step             forward+backward passes per timed step, as the state's Cost counted them
+    peak_mem_mib                CUDA: the memory its build left allocated plus the rise during its first step
+                                (weights, data on the device, optimizer state, SAM's copy, activations): the
+                                footprint of training it alone, as `bench run`'s row reports (None on CPU)
     loader, workers             the loader the task built (device | torchvision | its class) and its workers
 
 Data: with `--data-dir` the task's data there (its errors are the task's one-line errors). Without it, the
@@ -66,8 +69,9 @@ DEFAULT_DATA_DIR = "data"   # where `bench run` looks by default
 LOOP_COLUMNS = ["task", "model", "minimizer", "what", "optimizer", "rho", "eta", "batch_size", "precision",
                 "channels_last", "compile", "loader", "workers", "steps", "chunk", "warmup", "ms_median",
                 "ms_p10", "ms_p90", "ms_mean", "ratio_to_sgd", "items_per_s", "items_unit", "data_ms",
-                "first_step_ms", "compile_s", "passes_per_step", "synthetic", "data_dir", "seed", "tf32_matmul",
-                "tf32_cudnn", "cudnn_benchmark", "device_name", "torch_version"]
+                "first_step_ms", "compile_s", "passes_per_step", "peak_mem_mib", "synthetic", "data_dir", "seed",
+                "tf32_matmul", "tf32_cudnn", "cudnn_benchmark", "deterministic_algorithms", "device_name",
+                "torch_version"]
 
 
 # -- timing ------------------------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ class LoopContestant:
 
     def __init__(self, name: str, st: engine.TrainState):
         self.name, self.st = name, st
+        self.built_bytes = 0     # device memory its build left allocated (weights, device-resident data)
+        self.peak_bytes = None   # its footprint at its first step's peak (CUDA; see `first_steps`)
         self.autocast = engine.autocast_for(st.cfg.precision, st.device)
         self.count = st.job.count or (lambda y: y.shape[0])
         self.epoch = 0
@@ -160,7 +166,10 @@ def first_steps(contestants: Sequence, timer, compiled: bool = False) -> dict[st
     for c in contestants:
         if compiled:
             torch.compiler.reset()
+        before = device_memory(c.st.device, reset_peak=True)
         out[c.name] = time_chunk(c, 1, timer).wall_s
+        if before is not None:  # the others sit idle meanwhile: the rise above `before` is this one's alone
+            c.peak_bytes = c.built_bytes + torch.cuda.max_memory_allocated(c.st.device) - before
     if compiled:
         run_rounds(contestants, 1, 1, timer)
     return out
@@ -224,10 +233,28 @@ def write_synthetic(task, out_dir: Path, batch_size: int, steps: int) -> str:
     return task.make_fake(str(out_dir), train=n, test=100, classes=10, per_class=per_class, seed=0)
 
 
+def device_memory(device: torch.device, reset_peak: bool = False) -> int | None:
+    """Bytes allocated on a CUDA device now (after a sync), its peak counter reset if asked; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    if reset_peak:
+        torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
 def build_contestant(task, cfg, device: torch.device) -> LoopContestant:
+    """One contestant, built as `bench run` builds its run; on CUDA it notes the memory its build left
+    allocated. A contestant's `peak_mem_mib` is that plus the rise of allocated memory during its first step
+    (momentum, SAM's copy of the weights, activations, gradients): what training it alone holds at its peak, as
+    the row of `bench run` reports it, however many contestants share the GPU."""
     engine.seed_everything(cfg.seed)  # the same initial weights for every minimizer
+    before = device_memory(device)
     job = task.build(cfg, device)
-    return LoopContestant(cfg.minimizer, engine.setup(cfg, job, device))
+    c = LoopContestant(cfg.minimizer, engine.setup(cfg, job, device))
+    if before is not None:
+        c.built_bytes = device_memory(device) - before
+    return c
 
 
 def build_all(task, cfgs: list, device: torch.device, data_given: bool, tmp: Callable[[], Path],
@@ -312,7 +339,8 @@ def loop_row(c: LoopContestant, cfg, stats: dict, passes: float | None, warmup: 
            "workers": workers, "chunk": chunk, "warmup": warmup, **stats,
            "items_unit": "tokens/s" if job.count is not None else "images/s", "passes_per_step": passes,
            "synthetic": bool(job.synthetic), "data_dir": "" if written else cfg.data_dir,
-           "seed": cfg.seed, **engine.numerics_flags(), "device_name": engine.device_name(c.st.device),
+           "seed": cfg.seed, "peak_mem_mib": None if c.peak_bytes is None else c.peak_bytes / 2**20,
+           **engine.numerics_flags(), "device_name": engine.device_name(c.st.device),
            "torch_version": torch.__version__}
     return {k: row.get(k) for k in LOOP_COLUMNS} | {f"m_{k}": v for k, v in sorted(cfg.mopts.items())}
 
@@ -333,6 +361,8 @@ def format_loop_table(rows: Sequence[dict]) -> str:
                                                                                   "ratio_to_sgd"),
         ("ms/step (mean)", "ms_mean"), (unit, "items_per_s"), ("data ms/step", "data_ms"),
         ("passes/step", "passes_per_step"), ("first step ms", "first_step_ms")]
+    if any(r.get("peak_mem_mib") is not None for r in rows):
+        cols.append(("peak MiB", "peak_mem_mib"))
     if any(r.get("compile_s") is not None for r in rows):
         cols.append(("compile s", "compile_s"))
     lines = markdown_rows(rows, cols)

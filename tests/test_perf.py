@@ -105,8 +105,8 @@ def test_measure_wiring_with_a_fake_timer(ticked):
     assert by["sgd"]["minimizer_ms"] == 0.0 and by["sgd"]["overhead_ms"] == 0.0
     for name in by:
         r = by[name]
-        assert r["pass_ms"] == 3.0 and r["param_mb"] == pytest.approx(0.272474 * 4 / 1.048576, rel=0.001)  # homura resnet20
-        assert r["peak_mem_mb"] is None  # CPU
+        assert r["pass_ms"] == 3.0 and r["param_mib"] == pytest.approx(0.272474 * 4 / 1.048576, rel=0.001)  # homura resnet20
+        assert r["peak_mem_mib"] is None  # CPU
         assert r["model"] == "resnet20" and r["batch_size"] == 8 and r["steps"] == 2
         assert r["precision"] == "fp32" and r["torch_version"] == torch.__version__
         assert r["ms_p10"] <= r["ms_median"] <= r["ms_p90"]
@@ -168,7 +168,7 @@ def test_real_timer_short_run_cpu():
     for r in rows:
         assert r["ms_median"] > 0 and r["pass_ms"] > 0 and r["ms_p10"] <= r["ms_median"] <= r["ms_p90"]
         assert r["ratio_to_sgd"] == pytest.approx(r["ms_median"] / by["sgd"]["ms_median"])
-        assert r["peak_mem_mb"] is None and "threads" in r["device_name"]
+        assert r["peak_mem_mib"] is None and "threads" in r["device_name"]
     table = perf.format_table(rows)
     assert "resnet20" in table and all(f"| {n} |" in table for n in by)
 
@@ -191,7 +191,7 @@ def test_perf_csv_rows(ticked, tmp_path):
     for g, r in zip(got, rows):
         assert float(g["ms_median"]) == r["ms_median"] and g["model"] == "resnet20"
         assert g["device_name"] == r["device_name"] and g["torch_version"] == torch.__version__
-        assert g["timestamp"] and g["git_commit"] and g["sambench_version"] and g["peak_mem_mb"] == ""
+        assert g["timestamp"] and g["git_commit"] and g["sambench_version"] and g["peak_mem_mib"] == ""
     assert len({g["timestamp"] for g in got[:len(rows)]}) == 1  # one call, one timestamp
 
 
@@ -235,9 +235,9 @@ def test_cuda_peak_memory_target():
     rows = measure("resnet20", 10, 32, steps=3, device="cuda", warmup=1)
     by = {r["minimizer"]: r for r in rows}
     for r in rows:
-        assert r["peak_mem_mb"] > r["param_mb"] and r["ms_median"] > 0
-    slack = 0.02 * by["sgd"]["peak_mem_mb"] + 1.0
-    assert by["sam"]["peak_mem_mb"] <= by["sgd"]["peak_mem_mb"] + by["sam"]["param_mb"] + slack
+        assert r["peak_mem_mib"] > r["param_mib"] and r["ms_median"] > 0
+    slack = 0.02 * by["sgd"]["peak_mem_mib"] + 1.0
+    assert by["sam"]["peak_mem_mib"] <= by["sgd"]["peak_mem_mib"] + by["sam"]["param_mib"] + slack
 
 
 def test_bench_perf_command(tmp_path):
@@ -260,3 +260,19 @@ def test_bench_perf_command(tmp_path):
     assert r.exit_code == 0 and "| gsam |" in r.output and "| sam |" not in r.output
     r = CliRunner().invoke(app, ["perf", "--model", "gpt5", "--device", "cpu"])
     assert r.exit_code == 2 and "unknown model 'gpt5'" in r.output
+
+
+def test_step_mode_times_with_the_training_loops_backend_flags(monkeypatch):
+    """`--what step` runs its steps under the flags `bench run` trains with (cudnn.benchmark on CUDA), records
+    them in its rows, and leaves the process's flags as they were. No GPU: the training flags are planted."""
+    from bench import runtime
+    before = torch.backends.cudnn.benchmark
+    seen = []
+    monkeypatch.setattr(runtime, "set_backend_flags",
+                        lambda cfg, device: setattr(torch.backends.cudnn, "benchmark", True))  # CUDA's choice
+    rounds = perf.run_rounds
+    monkeypatch.setattr(perf, "run_rounds", lambda *a, **k: seen.append(torch.backends.cudnn.benchmark)
+                        or rounds(*a, **k))
+    rows = measure("resnet20", 10, 2, 1, "cpu", warmup=0, minimizers=["sam"], timer=TickTimer())
+    assert seen and all(seen) and all(r["cudnn_benchmark"] is True for r in rows)
+    assert torch.backends.cudnn.benchmark == before

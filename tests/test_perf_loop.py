@@ -219,3 +219,37 @@ def test_bad_what_and_loop_only_options_in_step_mode_are_refused():
     assert r.exit_code == 2 and "--compile, --chunk: for --what loop only" in r.output
     r = CliRunner().invoke(app, ["perf", "--what", "loop", "--peer", "--device", "cpu"])
     assert r.exit_code == 2 and "--peer applies to --what step" in r.output
+
+
+def test_peak_memory_is_each_contestants_own_footprint(monkeypatch):
+    """A contestant's peak_mem_mib is what its build left allocated plus the rise during its first step, not the
+    GPU's total (other contestants' weights sit there too). A fake allocator stands in for CUDA's counters."""
+    from types import SimpleNamespace
+    mem = {"alloc": 1000, "peak": 1000}  # 1000 bytes held by whatever came before
+
+    def device_memory(device, reset_peak=False):
+        if reset_peak:
+            mem["peak"] = mem["alloc"]
+        return mem["alloc"]
+
+    class Grows(FakeContestant):
+        def __init__(self, name, built, kept, transient):
+            super().__init__(name, [])
+            self.st = SimpleNamespace(device=torch.device("cuda", 0))
+            self.built_bytes, self.peak_bytes, self.kept, self.transient = built, None, kept, transient
+            mem["alloc"] += built  # its weights, allocated when it was built
+
+        def step(self, x, y):  # optimizer state kept, activations freed
+            mem["peak"] = max(mem["peak"], mem["alloc"] + self.kept + self.transient)
+            mem["alloc"] += self.kept
+
+    monkeypatch.setattr(perf_loop, "device_memory", device_memory)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    a, b = Grows("sgd", built=100, kept=50, transient=30), Grows("sam", built=100, kept=150, transient=60)
+    perf_loop.first_steps([a, b], TickTimer())
+    assert (a.peak_bytes, b.peak_bytes) == (180, 310)
+
+
+def test_loop_rows_have_an_empty_peak_on_the_cpu(cifar_loop):
+    _, _, rows = cifar_loop
+    assert all(row["peak_mem_mib"] == "" for row in rows)  # step and loop rows: one column, empty on the CPU
