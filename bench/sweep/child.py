@@ -39,9 +39,9 @@ def run_one(cfg: RunConfig, force: bool = False, sharpness: dict | None = None) 
     from bench.runner import AlreadyDone, execute, record_failure
     from bench.sweep.claims import ClaimHeld
 
-    D.init_from_env(cfg.device)
     stop = StopFlag()
     try:
+        D.init_from_env(cfg.device)  # inside: a process that cannot take its GPU leaves a failed record, one line
         with graceful_sigint(stop):
             trained = True
             try:

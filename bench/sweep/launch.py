@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,27 +16,94 @@ from bench.errors import UserError
 from bench.sweep.plan import TablePlan
 
 LAUNCHERS = ("local", "slurm")
+MASK = "CUDA_VISIBLE_DEVICES"
 
 
-def parse_gpus(text: str, available: int) -> list[str]:
-    """'0,1,3' -> ['0', '1', '3'], each checked against the GPUs torch sees."""
+# ---- local: one worker per GPU ------------------------------------------------------------------------
+
+def visible_devices(mask: str | None) -> list[str] | None:
+    """The entries of a CUDA_VISIBLE_DEVICES value as CUDA reads it (torch.cuda's own parser does the same),
+    None when the variable is unset (every GPU visible, in physical order). Comma separated; the first entry
+    decides the kind: GPU-/MIG- UUIDs (MIG-GPU-<uuid>/<gi>/<ci> too), or ordinals read like strtoul ('1x'
+    is 1); parsing stops at the first entry of another kind or an invalid one; a repeated entry hides every
+    GPU, and so does an empty value. A worker's mask must name the same GPU, so entries are kept verbatim
+    (ordinals normalised)."""
+    if mask is None:
+        return None
+    prefix = next((p for p in ("GPU-", "MIG-") if mask.strip().startswith(p)), None)
+    out: list[str] = []
+    for item in mask.split(","):
+        item = item.strip()
+        if prefix is None:
+            m = re.match(r"\+?(\d+)", item)
+            item = str(int(m.group(1))) if m else ""
+        if not item or (prefix is not None and not item.startswith(prefix)):
+            break
+        if item in out:
+            return []
+        out.append(item)
+    return out
+
+
+def visible_gpus(mask: str | None, count: int) -> list[str]:
+    """What each CUDA index 0..count-1 of this process is, as a mask entry for a child process: the i-th
+    entry of this process's mask (CUDA numbers the visible GPUs in mask order), or i itself without one.
+    `count` is torch.cuda.device_count(): entries past it (a GPU that is not there) are not visible."""
+    entries = visible_devices(mask)
+    return [str(i) for i in range(count)] if entries is None else entries[:count]
+
+
+def parse_gpus(text: str, available: int, mask: str | None = None) -> list[str]:
+    """'0,1,3' -> ['0', '1', '3']: CUDA indices as this process numbers them (the GPUs `mask`, this process's
+    CUDA_VISIBLE_DEVICES, leaves visible), each checked against the `available` GPUs torch sees."""
     ids = [g.strip() for g in text.split(",") if g.strip()]
     if not ids or not all(g.isdigit() for g in ids):
         raise UserError(f"--gpus takes GPU indices like 0,1,2,3, got {text!r}")
+    ids = [str(int(g)) for g in ids]
     if len(set(ids)) != len(ids):
         raise UserError(f"--gpus names a GPU twice: {text!r}")
-    missing = [g for g in ids if int(g) >= available]
+    visible = visible_gpus(mask, available)
+    missing = [g for g in ids if int(g) >= len(visible)]
     if missing:
-        where = f"GPUs 0-{available - 1}" if available else "no CUDA GPU"
-        raise UserError(f"--gpus {text}: GPU {', '.join(missing)} does not exist (torch sees {where}); "
-                        + ("use --workers-per-node N for CPU workers" if not available else "name existing ones"))
+        raise UserError(f"--gpus {text}: GPU {', '.join(missing)} does not exist ({_seen(visible, mask)}); "
+                        + ("use --workers-per-node N for CPU workers" if not visible else
+                           f"--gpus takes indices 0-{len(visible) - 1}"))
     return ids
+
+
+def _seen(visible: list[str], mask: str | None) -> str:
+    """'torch sees GPUs 0-1 (CUDA_VISIBLE_DEVICES=4,5)': what the indices mean, for an error message."""
+    if not visible:
+        where = "no CUDA GPU"
+    else:
+        where = f"GPU{'s' if len(visible) > 1 else ''} 0" + (f"-{len(visible) - 1}" if len(visible) > 1 else "")
+    return f"torch sees {where}" + (f" ({MASK}={mask})" if mask is not None else "")
+
+
+def worker_envs(gpus: list[str], mask: str | None) -> list[dict[str, str]]:
+    """Each GPU worker's CUDA_VISIBLE_DEVICES: its GPU as this process's mask names it (a physical ordinal,
+    a GPU- or MIG- UUID), never the bare index, which would be another GPU (maybe someone else's) whenever
+    this process is masked, e.g. inside a SLURM allocation."""
+    visible = visible_gpus(mask, max(int(g) for g in gpus) + 1)
+    missing = [g for g in gpus if int(g) >= len(visible)]
+    if missing:
+        raise UserError(f"--gpus: GPU {', '.join(missing)} is not in {MASK}={mask!r}; name one it has")
+    return [{MASK: visible[int(g)]} for g in gpus]
+
+
+def on_cuda(device: str) -> bool:
+    """Whether a sweep's runs train on CUDA: `cuda`, `cuda:N`, or `auto` where CUDA is usable."""
+    import torch
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def launch_local(spec, gpus: str | None, workers: int, say) -> bool:
     """`--launcher local`: the workers, then a line on where to look; False if a worker failed."""
     import torch
-    ids = parse_gpus(gpus, torch.cuda.device_count()) if gpus else None
+    if not gpus and workers > 1 and on_cuda(spec.device):  # every worker would take the same GPU
+        raise UserError(f"--workers-per-node {workers} on device {spec.device} would put every worker on the "
+                        "same GPU; pass --gpus 0,1,... (one worker per GPU) or --device cpu")
+    ids = parse_gpus(gpus, torch.cuda.device_count(), os.environ.get(MASK)) if gpus else None
     codes = run_local(spec, ids, workers)
     say(f"{len(codes)} workers finished; `bench reproduce --status --results-dir {spec.results_dir}` shows the "
         "tables")
@@ -43,13 +111,13 @@ def launch_local(spec, gpus: str | None, workers: int, say) -> bool:
 
 
 def run_local(spec, gpus: list[str] | None, workers: int) -> list[int]:
-    """One worker process per GPU (CUDA_VISIBLE_DEVICES set for it) or `workers` CPU workers; each sweeps
-    the whole plan. Returns the workers' exit codes."""
+    """One worker process per GPU (its CUDA_VISIBLE_DEVICES naming that GPU through this process's mask) or
+    `workers` CPU workers; each sweeps the whole plan. Returns the workers' exit codes."""
     labels = [f"gpu {g}" for g in gpus] if gpus else [f"worker {i}" for i in range(workers)]
+    envs = worker_envs(gpus, os.environ.get(MASK)) if gpus else [{} for _ in labels]
     ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state inherited
     procs = []
-    for i, label in enumerate(labels):
-        env = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}
+    for label, env in zip(labels, envs):
         procs.append(ctx.Process(target=_local_worker, args=(spec, label, env), name=label))
         procs[-1].start()
     for p in procs:
@@ -92,6 +160,23 @@ def parse_slurm_options(items: list[str]) -> dict[str, str]:
     return out
 
 
+# What submitit's TorchDistributedEnvironment.export sets (submitit 1.5, helpers.py), and refuses to set
+# (RuntimeError "... is already set") when any of them is already in the environment.
+TORCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def export_torch_env(submitit) -> None:
+    """In a SLURM task: the torch.distributed variables of *this* job. SLURM copies the submitting shell's
+    environment into the job, so a shell that ran torchrun before (or a .bashrc setting MASTER_PORT) hands
+    every task stale values: submitit's export would refuse them, and kept they would point the group at
+    another host or port (or, in a one-task job, make a single process wait for peers that never come).
+    So they are dropped first, before submitit reads MASTER_PORT, and the job's own are exported."""
+    for key in TORCH_ENV:  # only these: anything else of the user's environment stays
+        os.environ.pop(key, None)
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 class SlurmRun:
     """One array task: one run, in every task (process) of the allocation; several tasks form the
     torch.distributed group exactly as torchrun would (submitit's TorchDistributedEnvironment exports
@@ -104,8 +189,7 @@ class SlurmRun:
         import submitit
 
         from bench.sweep.child import run_one
-        if submitit.JobEnvironment().num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        export_torch_env(submitit)
         return run_one(RunConfig(**self.cfg), force=self.force)
 
     def checkpoint(self, *args, **kwargs):
