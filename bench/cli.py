@@ -326,6 +326,9 @@ def reproduce_cmd(
                             "--gpus-per-run >= 0")
         check_results_folder(results_dir, must_exist=status)
         world = max(gpus_per_run, 1) * nodes_per_run if launcher == "slurm" else 1
+        if gpus and device.startswith("cuda:"):
+            raise UserError(f"--gpus gives each worker one GPU, its cuda:0; --device {device} would name another. "
+                            "Pass --device cuda (or auto) with --gpus")
         if not status:  # decided once for every run: a sweep started on GPUs never trains on the CPU
             device = sweep_device(device, slurm=launcher == "slurm", gpus_per_run=gpus_per_run, gpus=gpus)
         spec = SweepSpec(tuple(tables or ()), preset, results_dir, seeds=seeds, data_dir=data_dir, device=device,
@@ -579,6 +582,32 @@ def data_prepare_cmd(
         if not hasattr(task, "prepare"):
             raise UserError(f"task {task.name!r} needs no preparation")
         console.print(task.prepare(raw, out, bpe_merges=bpe_merges), highlight=False)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    data_dir: Annotated[str, typer.Option(envvar="SAMBENCH_DATA_DIR", help="Dataset root to look in.")] = "data",
+    results_dir: Annotated[str, typer.Option(help="The results folder to check (file locks, free disk); created "
+                                                  "if missing.")] = "results",
+    out: Annotated[Optional[str], typer.Option(help="Markdown report; default <results-dir>/doctor.md.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="On a CUDA GPU also: every minimizer's step under CUDA's "
+                                                      "sync check, WRN-28-10 loop timings (fp32, bf16, bf16 + "
+                                                      "channels_last + compile), interrupted and resumed runs "
+                                                      "against uninterrupted ones, bench sharpness (~8 min on "
+                                                      "one H100).")] = False,
+    device: Annotated[Optional[str], typer.Option(hidden=True)] = None,  # tests: --full on the CPU, tiny
+    model: Annotated[Optional[str], typer.Option(hidden=True)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(hidden=True)] = None,
+    steps: Annotated[Optional[int], typer.Option(hidden=True)] = None,
+):
+    """Check this machine before a sweep: torch, CUDA and the driver, GPUs, torch.compile's needs, each task's
+    data, file locks in the results folder, SLURM and torchrun. Exit status 1 when a check failed."""
+    from bench.doctor import run_doctor
+
+    with user_errors():
+        code = run_doctor(data_dir, results_dir, out, full=full, say=say, device=device, model=model,
+                          batch_size=batch_size, steps=steps)
+    raise typer.Exit(code)
 
 
 def main() -> None:

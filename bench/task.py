@@ -6,6 +6,7 @@ engine plain objects in a `Job`; the engine knows no task.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -94,10 +95,29 @@ class Task:
         from bench.errors import UserError
         raise UserError(f"task {self.name!r} gives no examples for `bench sharpness` (classification tasks do)")
 
+    def data_status(self, data_dir: str | Path) -> DataStatus | None:
+        """Whether this task's data is under `data_dir`, by the presence of its files alone (None: the task has
+        no such check; `bench run` then says what it misses)."""
+        return None
+
     def make_fake(self, out_dir: str, **options: Any) -> str:
         """Write a small synthetic dataset in the real on-disk format; return a one-line summary."""
         from bench.errors import UserError
         raise UserError(f"task {self.name!r} has no synthetic data generator")
+
+
+@dataclass(frozen=True)
+class DataStatus:
+    """Where a task's data is under a --data-dir, by file checks only (`bench doctor`: no dataset is loaded)."""
+    found: Path | None     # the folder holding the files, or None
+    looked: str            # where the task looks (its own words)
+    how: str = ""          # how to get the data
+    bundled: bool = False  # shipped with a package: nothing to look for
+
+
+def holding(folder: Path, names: list[str]) -> Path | None:
+    """`folder` if it holds every one of the files `names`, else None."""
+    return folder if all((folder / n).is_file() for n in names) else None
 
 
 def check_examples(task: str, n: int, have: int) -> None:

@@ -20,7 +20,7 @@ from torchvision.datasets.utils import check_integrity
 from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER
+from bench.task import SYNTHETIC_MARKER, DataStatus, holding
 from tasks.images import ImageSet, ImageTask, fake_images, make_loss  # noqa: F401 (imagenet imports make_loss here)
 
 RECIPE_FILE = str(Path(__file__).with_name("cifar.toml"))
@@ -84,6 +84,12 @@ class CifarTask(ImageTask):
 
     def is_synthetic(self, cfg) -> bool:
         return is_synthetic(cfg.data_dir, self.dataset)
+
+    def data_status(self, data_dir: str | Path) -> DataStatus:
+        cls, folder, _ = _SPEC[self.dataset]
+        names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        root = Path(data_dir) / folder
+        return DataStatus(holding(root, names), f"{root}/", f"`bench run {self.name} --download` fetches it")
 
     def make_fake(self, out_dir: str, train: int = 2000, test: int = 500, seed: int = 0, **_: Any) -> str:
         path = write_fake_cifar(out_dir, self.dataset, train, test, seed)

@@ -18,7 +18,7 @@ from bench.batch import cross_entropy_per_example
 from bench.data import TensorLoader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import Job, Task, check_examples, load_toml
+from bench.task import DataStatus, Job, Task, check_examples, load_toml
 from tasks.images import relu_dropout
 from tasks.label_noise import symmetric_noise
 
@@ -51,6 +51,12 @@ def mlp(num_classes: int = 10, hidden: int = 256, dropout: float = 0.0) -> nn.Mo
 class DigitsNoiseTask(Task):
     settings = ("noise", "noise_seed", "dropout")
     loader_kinds = ("auto", "device")  # always device-resident tensors (TensorLoader)
+
+    def data_status(self, data_dir) -> DataStatus:
+        import importlib.util
+        if importlib.util.find_spec("sklearn") is None:
+            return DataStatus(None, "scikit-learn's bundled digits", "pip install scikit-learn")
+        return DataStatus(None, "bundled with scikit-learn", bundled=True)
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         return {**RECIPE, "models": ["mlp"]}

@@ -30,7 +30,7 @@ import numpy as np
 from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER
+from bench.task import SYNTHETIC_MARKER, DataStatus
 from tasks.images import ImageSet, ImageTask, fake_images
 
 RECIPE_FILE = str(Path(__file__).with_name("fashion_mnist.toml"))
@@ -109,6 +109,9 @@ class FashionMnistTask(ImageTask):
     def is_synthetic(self, cfg) -> bool:
         folder = find_folder(cfg.data_dir)
         return folder is not None and (folder / SYNTHETIC_MARKER).exists()
+
+    def data_status(self, data_dir: str | Path) -> DataStatus:
+        return DataStatus(find_folder(data_dir), f"{Path(data_dir)}/FashionMNIST/raw/ or {SYSTEM_DIR}/", HOW_TO_GET)
 
     def make_fake(self, out_dir: str, train: int = 2000, test: int = 500, seed: int = 0, **_: Any) -> str:
         path = write_fake_fashion_mnist(out_dir, train, test, seed)

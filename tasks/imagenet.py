@@ -19,7 +19,7 @@ from bench.batch import cross_entropy_per_example
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER, Job, Task, load_toml
+from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, load_toml
 from tasks.cifar import make_loss
 
 RECIPE = load_toml(Path(__file__).with_name("imagenet.toml"))
@@ -84,6 +84,13 @@ class ImageNetTask(Task):
                    track=("test_acc", "test_top5"), synthetic=(root / SYNTHETIC_MARKER).exists(),
                    info={"train_size": len(train_set), "test_size": len(val_set),
                          "num_classes": len(train_set.classes)})
+
+    def data_status(self, data_dir: str | Path) -> DataStatus:
+        root = Path(data_dir)
+        splits = [root / s for s in ("train", "val")]
+        found = all(s.is_dir() and any(c.is_dir() for c in s.iterdir()) for s in splits)
+        return DataStatus(root if found else None, LAYOUT.replace("<data-dir>", str(root)),
+                          "the ILSVRC-2012 archives, extracted into that layout (README: Datasets)")
 
     def make_fake(self, out_dir: str, classes: int = 4, per_class: int = 8, seed: int = 0, **_: Any) -> str:
         n = write_fake_imagenet(out_dir, classes, per_class, seed)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from bench import distributed as D
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER, Job, Task, load_toml
+from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, holding, load_toml
 from tasks.translation.beam import detokenized_bleu, remove_bpe, tokenized_bleu, translate
 from tasks.translation.data import PAD, Dictionary, PairDataset, TokenBatchLoader, read_lines
 from tasks.translation.model import CONFIGS, create_transformer
@@ -226,6 +226,11 @@ class IWSLT14Task(Task):
                    info={"train_size": len(corpus.train), "valid_size": len(corpus.valid),
                          "test_size": len(corpus.test), "src_vocab": len(corpus.src_dict),
                          "tgt_vocab": len(corpus.tgt_dict)})
+
+    def data_status(self, data_dir: str | Path) -> DataStatus:
+        names = [f"{s}.{lang}" for s in SPLITS for lang in (SRC, TGT)]
+        return DataStatus(holding(corpus_root(data_dir), names), f"{Path(data_dir)}/{{train,valid,test}}.{{de,en}}",
+                          HOW_TO_GET)
 
     def make_fake(self, out_dir: str, train: int = 400, test: int = 50, seed: int = 0, **_: Any) -> str:
         if train < 1 or test < 1:

@@ -29,7 +29,7 @@ from torchvision.datasets import utils as tv_utils
 from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER
+from bench.task import SYNTHETIC_MARKER, DataStatus, holding
 from tasks.images import ImageSet, ImageTask, fake_images
 
 RECIPE_FILE = str(Path(__file__).with_name("svhn.toml"))
@@ -84,6 +84,11 @@ class SvhnTask(ImageTask):
 
     def is_synthetic(self, cfg) -> bool:
         return is_synthetic(cfg.data_dir)
+
+    def data_status(self, data_dir: str | Path) -> DataStatus:
+        root = svhn_root(data_dir)
+        names = [datasets.SVHN.split_list[s][1] for s in ("train", "extra", "test")]
+        return DataStatus(holding(root, names), f"{root}/", "`bench run svhn --download` fetches it (1.5 GB)")
 
     def make_fake(self, out_dir: str, train: int = 2000, test: int = 500, seed: int = 0, **_: Any) -> str:
         path = write_fake_svhn(out_dir, train, test, seed)
