@@ -82,6 +82,13 @@ def test_gpus_the_mask_lacks_are_one_line(monkeypatch, mask, count, gpus, messag
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_gpus_with_a_numbered_cuda_device_is_one_line(tmp_path):
+    """Each --gpus worker sees its one GPU as cuda:0: --device cuda:1 would name a GPU it does not have."""
+    r = CliRunner().invoke(app, ["reproduce", "asam6", "--preset", "smoke", "--results-dir", str(tmp_path / "r"),
+                                 "--launcher", "local", "--gpus", "0", "--device", "cuda:1"])
+    assert r.exit_code == 2 and "--device cuda:1 would name another" in r.output and not (tmp_path / "r").exists()
+
+
 def test_gpus_the_mask_lacks_through_the_cli(tmp_path, monkeypatch):
     _gpus(monkeypatch, 2, "4,5")
     r = CliRunner().invoke(app, ["reproduce", "asam6", "--preset", "smoke", "--results-dir", str(tmp_path / "r"),
@@ -177,6 +184,7 @@ def test_one_gpu_bound_per_task_uses_that_gpu(monkeypatch, torch_group):
     assert torch_group["set_device"] == [0] and D.cuda_index() == 0 and D.local_rank() == 3
     (args, kw), = torch_group["init"]
     assert (kw.get("backend") or args[0]) == "nccl"
+    assert kw.get("timeout") == D.GROUP_TIMEOUT  # a first collective may wait for rank 0's download
 
 
 def test_every_gpu_visible_uses_the_local_rank(monkeypatch, torch_group):
