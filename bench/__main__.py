@@ -1,4 +1,4 @@
-from bench.cli import main
+from bench.cli.main import main
 
 if __name__ == "__main__":
     main()

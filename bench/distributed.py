@@ -14,7 +14,6 @@ from torch.utils.data import Sampler
 
 from bench.errors import UserError
 
-
 _local_rank = 0
 _cuda_index: int | None = None  # the CUDA device init_from_env chose (None: it chose none)
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from bench.config import RunConfig
+from bench.errors import UserError
+
 DRIVER_FILE = "/proc/driver/nvidia/version"
 DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0")
 # The newest CUDA of PyTorch's wheels that a driver runs (minor-version compatibility within a major CUDA
@@ -105,3 +108,24 @@ def native_bf16(device: torch.device) -> bool:
             return bool(torch.cuda.is_bf16_supported(including_emulation=False))
         except TypeError:  # a torch without the keyword
             return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def inductor_config():
+    import torch._inductor.config as inductor
+    return inductor
+
+
+def compile_can_be_deterministic() -> bool:
+    """Whether this torch's compiler has a deterministic mode (torch._inductor.config.deterministic: no
+    benchmarking that changes numerics); older ones pick kernels by timing them."""
+    try:
+        return hasattr(inductor_config(), "deterministic")
+    except ImportError:
+        return False
+
+
+def check_deterministic(cfg: RunConfig) -> None:
+    """--deterministic with --compile where this torch cannot compile deterministically: one line."""
+    if cfg.deterministic and cfg.compile and not compile_can_be_deterministic():
+        raise UserError(f"--deterministic with --compile: torch {torch.__version__} has no deterministic mode for "
+                        "torch.compile (it picks kernels by timing them); drop --compile (or --fast), or upgrade torch")

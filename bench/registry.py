@@ -6,8 +6,8 @@ Tasks in this repo live in the `tasks` package; third-party packages can add the
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from bench.errors import UserError
 from bench.task import Task

@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-
 # The file whose presence marks a dataset folder as written by `bench data fake`: such runs are labelled
 # synthetic and never mixed with real-data runs.
 SYNTHETIC_MARKER = "SYNTHETIC"
@@ -150,3 +149,10 @@ def load_toml(path) -> dict[str, Any]:
         import tomli as tomllib
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+def cross_entropy_per_example(smoothing: float = 0.0) -> Callable:
+    """(outputs, targets) -> each example's cross entropy with label smoothing: per example, what timm's
+    LabelSmoothingCrossEntropy and nn.CrossEntropyLoss(label_smoothing=...) average (a task's
+    Job.loss_per_sample)."""
+    return lambda out, y: nn.functional.cross_entropy(out.float(), y, reduction="none", label_smoothing=smoothing)

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.batch import cross_entropy_per_example
 from bench.data import TensorLoader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import DataStatus, Job, Task, check_examples, load_toml
+from bench.task import DataStatus, Job, Task, check_examples, cross_entropy_per_example, load_toml
 from tasks.images import relu_dropout
 from tasks.label_noise import symmetric_noise
 

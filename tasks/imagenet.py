@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
-from bench.batch import cross_entropy_per_example
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, load_toml
+from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, cross_entropy_per_example, load_toml
 from tasks.cifar import make_loss
 
 RECIPE = load_toml(Path(__file__).with_name("imagenet.toml"))

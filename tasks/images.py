@@ -37,10 +37,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from bench.augment import Cutout, DeviceCifarLoader
-from bench.batch import cross_entropy_per_example
 from bench.data import make_loader
 from bench.errors import UserError
-from bench.task import Job, Task, check_examples, load_toml, merge_recipe
+from bench.task import Job, Task, check_examples, cross_entropy_per_example, load_toml, merge_recipe
 from tasks.models import MODEL_INFO, create_model, model_names
 
 CUTOUT = 16   # the SAM code's cutout_length

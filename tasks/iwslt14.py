@@ -37,8 +37,8 @@ from bench.registry import register_task
 from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, holding, load_toml
 from tasks.translation.beam import detokenized_bleu, remove_bpe, tokenized_bleu, translate
 from tasks.translation.data import PAD, Dictionary, PairDataset, TokenBatchLoader, read_lines
-from tasks.translation.model import CONFIGS, create_transformer
 from tasks.translation.fake import write_fake_archive
+from tasks.translation.model import CONFIGS, create_transformer
 from tasks.translation.prepare import prepare_iwslt14
 
 RECIPE = load_toml(Path(__file__).with_name("iwslt14.toml"))

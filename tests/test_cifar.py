@@ -7,7 +7,7 @@ import torch
 from torchvision import datasets
 
 from bench.errors import UserError
-from bench.runner import make_config
+from bench.recipes import make_config
 from tasks.cifar import load_cifar, write_fake_cifar
 
 
@@ -81,7 +81,7 @@ def test_fast_path_options_run_on_cpu(fake_cifar10, tmp_path, extra):
     import pandas as pd
     from typer.testing import CliRunner
 
-    from bench.cli import app
+    from bench.cli.main import app
     args = ["run", "cifar10", "--minimizer", "sam", "--epochs", "1", "--batch-size", "64", "--workers", "0",
             "--data-dir", str(fake_cifar10), "--results-dir", str(tmp_path), "--quiet", "--device", "cpu", *extra]
     r = CliRunner().invoke(app, args)

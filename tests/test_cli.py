@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
+from bench.cli.main import app
 
 runner = CliRunner()
 
@@ -159,7 +159,7 @@ def test_environment_variable_wins_over_the_config_file(tmp_path, monkeypatch):
 
 def test_report_preset_smoke_on_a_hand_made_folder(tmp_path):
     from bench.registry import tables_file
-    from bench.sweep.plan import load_tables, planned_settings
+    from bench.tables.plan import load_tables, planned_settings
 
     smoke = planned_settings(load_tables(tables_file()), ["smoke"])["asam2"]["smoke"]
     rows = [{**s, "run_id": f"r{i}", "status": "ok", "synthetic": True, "max_test_acc": 30.0 + i}

@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from bench.cells import ROW, VARIANT, canon, match_plans
-from bench.compute import acc_at_compute, base_final_acc, read_history, run_history, target_fields, time_to_target
-from bench.report import load_results, load_targets, render_report, write_report
-from bench.tables import load_tables
-from bench.sweep.plan import planned_settings
+from bench.tables.cells import ROW, VARIANT, canon, match_plans
+from bench.store.history import TARGET_FIELDS, acc_at_compute, read_history, run_history, target_fields, time_to_target
+from bench.report.load import load_results, load_targets
+from bench.report.render import render_report
+from bench.report.write import write_report
+from bench.tables.layout import load_tables
+from bench.tables.plan import planned_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "tasks" / "tables.toml"
@@ -57,33 +59,36 @@ def test_read_history_counts_an_epoch_once_and_skips_text(tmp_path):
     assert run_history(tmp_path, "none") == []
 
 
-def test_row_target_is_the_sgd_run_of_the_same_cell_and_seed(tmp_path):
-    from bench.results import result_rows, write_record
-    from bench.runner import accuracy_target, make_config
+def test_row_target_comes_from_target_acc_or_stays_empty(tmp_path):
+    """A row is a function of its own run: the time-to-accuracy columns come from --target-acc alone, never from
+    another run of the folder (which may or may not have finished); "x SGD's compute" is the report's."""
+    from bench.recipes import make_config
+    from bench.train.runner import execute
 
-    def cfg(minimizer, **kw):
-        return make_config("cifar10", minimizer=minimizer, model="resnet20", epochs=4, results_dir=str(tmp_path), **kw)
+    def run(**kw):
+        return execute(make_config("digits-noise", minimizer="sam", epochs=2, device="cpu",
+                                   results_dir=str(tmp_path / str(len(kw))), **kw))
+    plain, targeted = run(), run(target_acc=10.0)
+    assert all(plain[k] is None for k in TARGET_FIELDS)
+    assert targeted["target_acc_used"] == 10.0 and targeted["target_epoch"] == 1
 
-    def record(c, status="ok", acc=60.0):
-        row = {"run_id": c.run_id, "status": status, "synthetic": False, **c.to_row(), "final_test_acc": acc}
-        write_record(tmp_path, row)
-        return row
 
-    sam = cfg("sam")
-    mine = {"run_id": sam.run_id, "status": "ok", "synthetic": False, **sam.to_row(), "final_test_acc": 70.0}
-    assert accuracy_target(sam, mine) is None  # no SGD run yet: left empty
-    record(cfg("sgd", seed=1), acc=61.0)  # another seed
-    record(cfg("sgd", lr=0.05), acc=62.0)  # another setting
-    record(cfg("sgd"), status="failed", acc=63.0)
-    assert accuracy_target(sam, mine) is None
-    record(cfg("sgd"), acc=64.0)
-    assert accuracy_target(sam, mine) == 64.0
-    assert accuracy_target(cfg("asam", seed=1), {**mine, **cfg("asam", seed=1).to_row()}) == 61.0
-    assert base_final_acc(result_rows(tmp_path), {**mine, "synthetic": True}, "sgd") is None  # other data
-    assert accuracy_target(cfg("sam", target_acc=55.0), mine) == 55.0  # --target-acc wins
-    sgd = cfg("sgd", seed=2)
-    assert accuracy_target(sgd, {"status": "ok", "final_test_acc": 58.0}) == 58.0  # SGD against itself
-    assert accuracy_target(sgd, {"status": "diverged", "final_test_acc": float("nan")}) is None
+def test_a_row_is_the_same_whichever_run_of_its_cell_finishes_first(tmp_path):
+    """Two runs of one cell (SGD and SAM) in both orders: each run's row is identical but for when and how long."""
+    from bench.recipes import make_config
+    from bench.train.runner import execute
+    rows = {}
+    for order in (("sgd", "sam"), ("sam", "sgd")):
+        folder = tmp_path / "-".join(order)
+        for m in order:
+            rows[order, m] = execute(make_config("digits-noise", minimizer=m, epochs=2, device="cpu",
+                                                 results_dir=str(folder)))
+    timing = {"timestamp", "wall_time_s", "train_time_s", "images_per_s", "checkpoint_s", "results_dir",
+              "git_commit"}
+    for m in ("sgd", "sam"):
+        a, b = ({k: v for k, v in rows[o, m].items() if k not in timing and "time" not in k and not k.endswith("_s")}
+                for o in (("sgd", "sam"), ("sam", "sgd")))
+        assert a == b, m
 
 
 def test_plan_matching_compares_minimizer_options_as_one_spelling():
@@ -214,8 +219,8 @@ def small_variants(tmp_path):
 
 def test_every_variant_through_the_smoke_preset_then_the_equal_compute_view(tmp_path, monkeypatch):
     import bench.registry
-    from bench.cli import app
-    from bench.results import records
+    from bench.cli.main import app
+    from bench.store.records import records
 
     monkeypatch.setattr(bench.registry, "tables_file", lambda: small_variants(tmp_path))
     res = str(tmp_path / "res")
@@ -225,11 +230,9 @@ def test_every_variant_through_the_smoke_preset_then_the_equal_compute_view(tmp_
     rows = {x["minimizer"]: x for x in records(res)}
     assert set(rows) == set(VARIANTS) and {x["status"] for x in rows.values()} == {"ok"}
     sgd = rows["sgd"]
-    for m in VARIANTS[1:]:  # SGD ran first: their rows carry SGD's final accuracy as the target
-        got = rows[m]
-        assert got["target_acc_used"] == sgd["final_test_acc"]
-        assert (got["target_epoch"] is None) == (got["max_test_acc"] < sgd["final_test_acc"])
-        assert got["target_passes"] == time_to_target(run_history(res, got["run_id"]), sgd["final_test_acc"])["target_passes"]
+    for m in VARIANTS[1:]:  # a row is its own run's: no target without --target-acc; the report pairs runs
+        assert rows[m]["target_acc_used"] is None and run_history(res, rows[m]["run_id"])
+    assert sgd["target_acc_used"] is None
     r = CliRunner().invoke(app, ["report", "--results-dir", res, "--preset", "smoke"])
     assert r.exit_code == 0, r.output
     md = (Path(res) / "report.md").read_text()
@@ -242,7 +245,7 @@ def test_every_variant_through_the_smoke_preset_then_the_equal_compute_view(tmp_
 
 
 def test_variants_dry_run_plans_every_minimizer(tmp_path):
-    from bench.cli import app
+    from bench.cli.main import app
     from bench.minimizers import MINIMIZERS
 
     assert set(VARIANTS[1:]) == set(MINIMIZERS)  # a new minimizer joins the variants table

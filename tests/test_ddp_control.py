@@ -11,12 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench import engine
+from bench.train import loop
+from bench.train.control import Interrupted, StopFlag
 from bench.registry import get_task
-from bench.runner import make_config
+from bench.recipes import make_config
 
 
-class StopOnRank1(engine.Reporter):
+class StopOnRank1(loop.Reporter):
     """Sets rank 1's stop flag at the 5th step of epoch 1, as a signal delivered to that rank alone would."""
 
     def __init__(self, rank, stop):
@@ -36,12 +37,12 @@ def _worker(rank, world, rdv, out_dir):
                       world_size=2, results_dir=out_dir)
     torch.manual_seed(0)
     job = get_task(cfg.task).build(cfg, torch.device("cpu"))
-    stop = engine.StopFlag()
+    stop = StopFlag()
     outcome = "finished"
     try:
-        engine.train(cfg, job, torch.device("cpu"), StopOnRank1(rank, stop), checkpoint=Path(out_dir) / "ckpt.pt",
+        loop.train(cfg, job, torch.device("cpu"), StopOnRank1(rank, stop), checkpoint=Path(out_dir) / "ckpt.pt",
                      stop=stop)
-    except engine.Interrupted as e:
+    except Interrupted as e:
         outcome = str(e)
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(outcome)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bench.batch import Batch, Cost
+from bench.train.batch import Batch, Cost
 from bench.minimizers import LossScaler, create_minimizer
 
 STEPS, PLANTED_STEP, PLANTED_RANK = 4, 2, 1

@@ -10,9 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bench import engine
+from bench.train.runtime import autocast_for
+from bench.train.state import setup
 from bench.config import RunConfig
-from bench.step import train_step
+from bench.train.step import train_step
 from bench.task import Job
 from tasks.iwslt14 import LabelSmoothedCrossEntropy, count_tokens
 from tasks.translation.data import PAD
@@ -57,9 +58,9 @@ def _worker(rank, world, rdv, out_dir, minimizer):
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     torch.set_num_threads(1)
-    st = engine.setup(_cfg(minimizer), _job(), torch.device("cpu"))
+    st = setup(_cfg(minimizer), _job(), torch.device("cpu"))
     x, y = _batch(rank)
-    train_step(st, x, y, engine.autocast_for("fp32", st.device))
+    train_step(st, x, y, autocast_for("fp32", st.device))
     torch.save([p.detach().clone() for p in st.model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

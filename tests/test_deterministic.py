@@ -6,8 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench import runtime
-from bench.cli import app
+from bench import gpu
+from bench.train import runtime
+from bench.cli.main import app
 from bench.config import RunConfig
 from tasks.models import global_avg_pool
 
@@ -28,7 +29,7 @@ def test_a_deterministic_run_records_it_and_leaves_the_process_as_it_was(tmp_pat
 
 
 def test_deterministic_with_compile_where_torch_cannot_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(runtime, "compile_can_be_deterministic", lambda: False)
+    monkeypatch.setattr(gpu, "compile_can_be_deterministic", lambda: False)
     r = runner.invoke(app, [*RUN, "--deterministic", "--compile", "--results-dir", str(tmp_path)])
     assert r.exit_code == 2 and "no deterministic mode for torch.compile" in r.output
     assert "Traceback" not in r.output and not list(tmp_path.iterdir())
@@ -36,7 +37,7 @@ def test_deterministic_with_compile_where_torch_cannot_is_refused(monkeypatch, t
 
 def test_compile_can_be_deterministic_on_this_torch():
     """This torch's compiler has a deterministic mode: the pair runs, with it switched on inside the run."""
-    assert runtime.compile_can_be_deterministic()
+    assert gpu.compile_can_be_deterministic()
     import torch._inductor.config as inductor
     with runtime.deterministic_mode(True):
         assert inductor.deterministic and torch.are_deterministic_algorithms_enabled()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bench.batch import Batch, Cost
+from bench.train.batch import Batch, Cost
 from bench.minimizers import ASAM, SAM
 
 

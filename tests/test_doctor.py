@@ -13,9 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench import doctor, doctor_full, gpu
-from bench.cli import app
-from bench.doctor import FAIL, INFO, OK, WARN, Context
+from bench.doctor import checks as doctor
+from bench.doctor import main as doctor_main
+from bench.doctor import report as doctor_report
+from bench.doctor import full as doctor_full
+from bench import gpu
+from bench.cli.main import app
+from bench.doctor.report import FAIL, INFO, OK, WARN, Context
 from bench.registry import task_names
 
 runner = CliRunner()

@@ -25,7 +25,7 @@ from torchvision.datasets import utils as tv_utils
 import tasks.fashion_mnist as F
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.runner import make_config
+from bench.recipes import make_config
 from tasks.cifar import write_fake_cifar
 from tasks.fashion_mnist import write_fake_fashion_mnist
 from tasks.svhn import write_fake_svhn

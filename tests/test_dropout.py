@@ -13,7 +13,7 @@ import tasks.digits as digits
 import tasks.images as images
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.runner import make_config
+from bench.recipes import make_config
 from tasks.models import MODEL_INFO, create_model, dropout_models
 from tasks.models.wrn import wide_resnet
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from bench.config import RunConfig
 from bench.data import TensorLoader
-from bench.engine import Interrupted, StopFlag, train
+from bench.train.control import Interrupted, StopFlag
+from bench.train.loop import train
 from bench.errors import UserError
 from bench.task import Job
 
@@ -86,7 +87,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
 def test_rng_streams_survive_a_weights_only_round_trip(tmp_path):
     import random
     import numpy as np
-    from bench import checkpoint as ckpt
+    from bench.train import checkpoint as ckpt
     np.random.seed(3), random.seed(4), torch.manual_seed(5)
     np.random.randn()  # a cached Gaussian is part of numpy's state
     ckpt.save(tmp_path / "c.pt", {"version": ckpt.VERSION, "run_id": "r", "epoch": 1, "rng": ckpt.rng_state()})

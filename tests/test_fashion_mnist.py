@@ -10,10 +10,10 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from typer.testing import CliRunner
 
 import tasks.fashion_mnist as F
-from bench.cli import app
+from bench.cli.main import app
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.runner import make_config
+from bench.recipes import make_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,7 +151,7 @@ def test_mlp_sees_one_channel_28x28():
 
 
 def test_fmnist_table_plans_the_chosen_demo(monkeypatch, tmp_path):
-    import bench.sweep.plan as P
+    import bench.tables.plan as P
     from bench.registry import tables_file
     monkeypatch.setattr(P, "PRESETS", tuple(dict.fromkeys((*P.PRESETS, "fmnist"))))  # if plan.py lacks it
     tables = P.load_tables(tables_file())
@@ -167,7 +167,7 @@ def test_fmnist_table_plans_the_chosen_demo(monkeypatch, tmp_path):
                     reason="real data: apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist_trains(tmp_path):
     """CI trains on real data: one epoch of the demo's MLP with SAM on the 54,000 training images."""
-    from bench.runner import execute
+    from bench.train.runner import execute
     cfg = make_config("fmnist-demo", minimizer="sam", epochs=1, device="cpu", workers=0, seed=0,
                       data_dir=str(tmp_path / "none"), results_dir=str(tmp_path))
     row = execute(cfg)

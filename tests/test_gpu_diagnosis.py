@@ -6,10 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench import gpu, runtime
-from bench.cli import app
+from bench import gpu
+from bench.train import runtime
+from bench.cli.main import app
 from bench.errors import UserError
-from bench.runner import make_config
+from bench.recipes import make_config
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA initialization")
@@ -110,7 +111,7 @@ def test_bf16_emulated_on_an_old_gpu_is_said(monkeypatch):
 
 
 def test_the_bf16_note_reaches_the_runs_log(monkeypatch, tmp_path):
-    from bench import runner as run_module
+    from bench.train import runner as run_module
     monkeypatch.setattr(run_module, "precision_note", lambda precision, device: f"note: {precision} here")
     lines = []
     cfg = make_config("digits-noise", minimizer="sgd", epochs=1, device="cpu", results_dir=str(tmp_path))

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from typer.testing import CliRunner
 
 from bench import distributed as D
-from bench.cli import app
+from bench.cli.main import app
 from bench.errors import UserError
 from bench.sweep import launch
 
@@ -237,7 +237,7 @@ def _slurm_task(monkeypatch, ntasks: int, procid: int) -> None:
 def _run_task(monkeypatch) -> dict[str, str]:
     """SlurmRun's call with run_one replaced: the environment the run would start in."""
     import bench.sweep.child
-    from bench.runner import make_config
+    from bench.recipes import make_config
     seen = {}
     monkeypatch.setattr(bench.sweep.child, "run_one", lambda cfg, force=False: seen.update(os.environ) or 0)
     cfg = make_config("cifar10", minimizer="sgd", epochs=1, device="cpu")

@@ -4,10 +4,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from bench.cli import app
+from bench.cli.main import app
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.runner import make_config
+from bench.recipes import make_config
 
 runner = CliRunner()
 

@@ -6,11 +6,11 @@ import torch
 from typer.testing import CliRunner
 
 from bench.augment import Cutout, DeviceCifarLoader
-from bench.cli import app
+from bench.cli.main import app
 from bench.data import set_epoch
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.runner import make_config
+from bench.recipes import make_config
 from tasks.images import ImageSet, symmetric_noise, use_device_loader
 
 AUGMENTS = ("basic", "cutout", "autoaugment", "autoaugment-cutout", "none")

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
-from bench.runner import make_config
+from bench.cli.main import app
+from bench.recipes import make_config
 from bench.registry import get_task
 from tasks.label_noise import symmetric_noise
 

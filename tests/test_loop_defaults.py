@@ -8,12 +8,14 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from bench import checkpoint as ckpt
-from bench.cli import app
-from bench.engine import Interrupted, StopFlag, TrainState, evaluate_classification, setup, train
+from bench.train import checkpoint as ckpt
+from bench.cli.main import app
+from bench.train.control import Interrupted, StopFlag
+from bench.train.state import TrainState, setup
+from bench.train.loop import evaluate_classification, train
 from bench.errors import UserError
-from bench.runtime import fast_settings, numerics_flags, set_backend_flags
-from bench.step import step_net
+from bench.train.runtime import fast_settings, numerics_flags, set_backend_flags
+from bench.train.step import step_net
 from test_engine import CPU, _metrics, _same_weights, fresh_process_job, tiny_cfg, tiny_job
 
 runner = CliRunner()
@@ -100,7 +102,7 @@ def test_evaluation_runs_under_the_training_precision():
             return super().forward(x)
     job = tiny_job()
     model = nn.Sequential(Probe(6, 3))
-    from bench.runtime import autocast_for
+    from bench.train.runtime import autocast_for
     evaluate_classification(model, job.test_loader, CPU, autocast=autocast_for("bf16", CPU))
     evaluate_classification(model, job.test_loader, CPU, autocast=autocast_for("fp32", CPU))
     assert seen == [True, True, False, False]

@@ -244,7 +244,7 @@ def test_every_model_trains_through_bench_run(name, tiny_cifar, tmp_path):
     import pandas as pd
     from typer.testing import CliRunner
 
-    from bench.cli import app
+    from bench.cli.main import app
     r = CliRunner().invoke(app, ["run", "cifar10", "--model", name, "--minimizer", "sam", "--epochs", "1",
                                  "--batch-size", "4", "--workers", "0", "--data-dir", str(tiny_cifar),
                                  "--results-dir", str(tmp_path), "--quiet"])

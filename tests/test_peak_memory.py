@@ -3,8 +3,8 @@ import pandas as pd
 import torch
 from typer.testing import CliRunner
 
-from bench import runner as run_module
-from bench.cli import app
+from bench.train import runner as run_module
+from bench.cli.main import app
 
 
 def test_the_row_has_the_column_empty_on_the_cpu(tmp_path):
@@ -29,6 +29,6 @@ def test_the_counter_is_reset_when_the_run_starts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(("reset", device)))
     monkeypatch.setattr(run_module, "precision_note", lambda precision, device: "")
-    from bench.runner import make_config
+    from bench.recipes import make_config
     device = run_module.prepare_device(make_config("digits-noise", minimizer="sgd"), print)
     assert device == torch.device("cuda", 0) and ("reset", device) in calls and ("set", device) in calls

@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
-from bench import perf
+from bench.perf import step as perf
+from bench.perf.common import Timer, append_perf_rows, percentile
 from tasks.models import create_model
 from bench.errors import UserError
-from bench.perf import PASS, PEER, StepTiming
+from bench.perf.step import PASS, PEER, StepTiming
 
 HAS_PEER = importlib.util.find_spec("pytorch_optimizer") is not None
 CPU = torch.device("cpu")
@@ -57,10 +58,10 @@ def ticked(one_thread):
 
 def test_percentile_is_linear_interpolation():
     values = [5.0, 1.0, 3.0, 2.0, 4.0]
-    assert perf.percentile(values, 50) == 3.0
-    assert perf.percentile(values, 10) == pytest.approx(1.4)
-    assert perf.percentile(values, 90) == pytest.approx(4.6)
-    assert perf.percentile([7.0], 10) == 7.0
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 10) == pytest.approx(1.4)
+    assert percentile(values, 90) == pytest.approx(4.6)
+    assert percentile([7.0], 10) == 7.0
 
 
 def test_summarize_arithmetic_on_hand_made_numbers():
@@ -88,11 +89,11 @@ def test_summarize_arithmetic_on_hand_made_numbers():
 
 def test_to_timings_splits_a_step_at_the_closure_marks():
     # start=0, pass 1 [1, 5], ascent until 6, pass 2 [6, 11], descent until 13
-    t = perf.to_timings([0.0, 1.0, 5.0, 6.0, 11.0, 13.0], perf.CpuTimer())
+    t = perf.to_timings([0.0, 1.0, 5.0, 6.0, 11.0, 13.0], Timer())
     assert t.step_ms == pytest.approx(13e3)
     assert t.pass_ms == pytest.approx([4e3, 5e3]) and t.opt_ms == pytest.approx(3e3)
     with pytest.raises(ValueError):
-        perf.to_timings([0.0, 1.0, 2.0], perf.CpuTimer())
+        perf.to_timings([0.0, 1.0, 2.0], Timer())
 
 
 def test_measure_wiring_with_a_fake_timer(ticked):
@@ -152,7 +153,7 @@ def test_same_initial_weights_and_same_batch_rho0_sam_equals_sgd():
     x, y = perf.make_batch(8, 10, CPU, seed=0)
     x2, y2 = perf.make_batch(8, 10, CPU, seed=0)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    perf.run_rounds(cs, x, y, 1, perf.CpuTimer())
+    perf.run_rounds(cs, x, y, 1, Timer())
     sgd_params = dict(cs[0].model.named_parameters())
     assert any(not torch.equal(p, init.state_dict()[n]) for n, p in sgd_params.items())  # it did step
     for c in cs[1:]:
@@ -181,8 +182,8 @@ def test_bf16_autocast_runs_on_cpu():
 
 def test_perf_csv_rows(ticked, tmp_path):
     rows, _ = ticked
-    path = perf.append_perf_rows(rows, tmp_path)
-    perf.append_perf_rows(rows[:1], tmp_path)
+    path = append_perf_rows(rows, tmp_path)
+    append_perf_rows(rows[:1], tmp_path)
     assert path == tmp_path / "perf.csv"
     with open(path, newline="") as f:
         got = list(csv.DictReader(f))
@@ -243,7 +244,7 @@ def test_cuda_peak_memory_target():
 def test_bench_perf_command(tmp_path):
     from typer.testing import CliRunner
 
-    from bench.cli import app
+    from bench.cli.main import app
     r = CliRunner().invoke(app, ["perf", "--model", "resnet20", "--batch-size", "4", "--steps", "1", "--warmup", "0",
                                  "--device", "cpu", "--results-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
@@ -265,7 +266,7 @@ def test_bench_perf_command(tmp_path):
 def test_step_mode_times_with_the_training_loops_backend_flags(monkeypatch):
     """`--what step` runs its steps under the flags `bench run` trains with (cudnn.benchmark on CUDA), records
     them in its rows, and leaves the process's flags as they were. No GPU: the training flags are planted."""
-    from bench import runtime
+    from bench.train import runtime
     before = torch.backends.cudnn.benchmark
     seen = []
     monkeypatch.setattr(runtime, "set_backend_flags",

@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench import perf_loop
-from bench.batch import Cost
-from bench.cli import app
+from bench.perf import loop as perf_loop
+from bench.train.batch import Cost
+from bench.cli.main import app
 from bench.errors import UserError
-from bench.perf_loop import Chunk
+from bench.perf.loop import Chunk
 from test_translation import write_synthetic_corpus
 
 # Tiny: CIFAR-10 resnet20 at batch 16, chunks of 2 steps, 2 warm-up rounds, 2 timed chunks per minimizer.
@@ -130,7 +130,7 @@ def test_bad_loop_arguments_are_user_errors():
 
 def test_contestants_start_from_the_same_weights():
     from bench.registry import get_task
-    from bench.runner import make_config
+    from bench.recipes import make_config
     task = get_task("digits-noise")
     cfgs = [make_config("digits-noise", minimizer=m, epochs=1, device="cpu") for m in ("sgd", "sam", "asam")]
     cs, _, written = perf_loop.build_all(task, cfgs, torch.device("cpu"), False, None, 10, print)

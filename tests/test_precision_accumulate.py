@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.batch import Batch, Cost
+from bench.train.batch import Batch, Cost
 from bench.minimizers import SAM, LossScaler, Minimizer, create_minimizer
-from bench.runner import execute, make_config
+from bench.recipes import make_config
+from bench.train.runner import execute
 
 
 def mlp(seed=0, dtype=torch.float32, bn=False):
@@ -115,14 +116,14 @@ def test_fp16_autocast_sam_agrees_with_fp32_on_cpu():
 
 
 def test_fp16_refused_on_a_device_without_it(monkeypatch):
-    from bench import engine
+    from bench.train.runtime import check_fp16
     from bench.errors import UserError
 
     def no_fp16(*a, **k):
         raise RuntimeError("autocast fp16 is not supported here")
     monkeypatch.setattr(torch, "autocast", no_fp16)
     with pytest.raises(UserError, match="--precision fp16: this device .* use --precision bf16 or fp32"):
-        engine.check_fp16(torch.device("cpu"))
+        check_fp16(torch.device("cpu"))
 
 
 # -- accumulation -----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.cli import app
+from bench.cli.main import app
 from tasks.cifar import write_fake_cifar
 
 runner = CliRunner()

@@ -7,15 +7,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cells import ROW, VARIANT, match_plans
+from bench.tables.cells import ROW, VARIANT, match_plans
 from bench.errors import UserError
-from bench.report import (_normalise, load_results, load_tables, load_targets, plot_curves, render_report,
-                          write_report)
-from bench.report_tables import figures
-from bench.stats import T975, t975
-from bench.tables import layout, metrics, minimizer_name, paper_key, references
-from bench.sweep.plan import planned_settings
-from bench.results import append_row
+from bench.report.load import normalise, load_results, load_targets
+from bench.tables.layout import load_tables
+from bench.report.curves import plot_curves
+from bench.report.render import render_report
+from bench.report.write import write_report
+from bench.report.paper import figures
+from bench.report.stats import T975, t975
+from bench.tables.layout import layout, metrics, minimizer_name, paper_key, references
+from bench.tables.plan import planned_settings
+from bench.store.files import append_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "tasks" / "tables.toml"
@@ -204,7 +207,7 @@ def test_plan_matching_ignores_the_seed_but_no_setting(tmp_path):
             {**base, "epochs": 199, "run_id": "epochs"}, {**base, "lr": 0.2, "run_id": "lr"},
             {**base, "nesterov": True, "run_id": "nesterov"}, {**base, "seed": 1, "device": "cpu", "run_id": "cpu"}]
     write(tmp_path, "cifar10.csv", rows)  # read back as CSV text: "0.05", "200", "False"
-    df = match_plans(_normalise(load_results(tmp_path)), plans).set_index("run_id")
+    df = match_plans(normalise(load_results(tmp_path)), plans).set_index("run_id")
     assert df["planned"].to_dict() == {"seed": True, "rho": False, "epochs": False, "lr": False,
                                        "nesterov": False, "cpu": True}
     assert df.loc["rho", "differs"] == "rho=0.06" and df.loc["nesterov", "differs"] == "nesterov=True"

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import load_results, load_targets, render_report, write_report
-from bench.stats import kendall_tau
-from bench.sweep.plan import load_tables, planned_settings
+from bench.report.load import load_results, load_targets
+from bench.report.render import render_report
+from bench.report.write import write_report
+from bench.report.stats import kendall_tau
+from bench.tables.plan import load_tables, planned_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ROOT / "tasks" / "tables.toml"

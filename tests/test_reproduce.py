@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
+from bench.cli.main import app
 from bench.errors import UserError
 from bench.registry import get_task, tables_file
-from bench.sweep.plan import describe, load_tables, plan, planned_settings
+from bench.tables.plan import describe, load_tables, plan, planned_settings
 from bench.sweep.sweeper import Sweeper
 
 TABLES = load_tables(tables_file())
@@ -245,7 +245,7 @@ def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
 
 
 def test_dry_run_lists_runs_skips_and_measured_speed(tmp_path):
-    from bench.results import append_row
+    from bench.store.files import append_row
     plans = plan({**TABLES, "tableX": UNBUILT}, ["asam2", "tableX"], "full", results_dir=str(tmp_path))
     text = "\n".join(describe(plans, tmp_path))
     assert "asam2 (cifar10): 120 runs, 0 already done, 120 to run; GPU-h unknown" in text
@@ -263,7 +263,7 @@ def test_dry_run_lists_runs_skips_and_measured_speed(tmp_path):
 def test_dry_run_gpu_hours_count_every_gpu_and_match_precision_and_compile(tmp_path):
     """GPU-hours are all the run's GPUs' hours, and a speed holds only for its precision and compile setting:
     a bf16 compiled row says nothing of an fp32 eager run."""
-    from bench.results import append_row
+    from bench.store.files import append_row
     row = {"status": "ok", "synthetic": False, "task": "cifar10", "model": "wrn28_10", "minimizer": "asam",
            "epochs_done": 2, "device_name": "NVIDIA H100"}
     append_row(tmp_path / "cifar10.csv", {**row, "run_id": "a", "train_time_s": 20.0, "world_size": 4,
@@ -287,7 +287,8 @@ def test_cli_reproduce_dry_run_and_errors(tmp_path):
 
 
 def test_digits_demo_task_learns_and_records_noise(tmp_path):
-    from bench.runner import execute, make_config
+    from bench.recipes import make_config
+    from bench.train.runner import execute
     cfg = make_config("digits-noise", minimizer="asam", noise=0.4, epochs=3, results_dir=str(tmp_path),
                       device="cpu")
     assert (cfg.model, cfg.rho, cfg.eta, cfg.lr) == ("mlp", 0.5, 0.01, 0.05)

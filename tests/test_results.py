@@ -5,7 +5,8 @@ import multiprocessing as mp
 import pandas as pd
 
 from bench.config import RunConfig
-from bench.results import append_row, git_commit, provenance
+from bench.store.files import append_row
+from bench.store.provenance import git_commit, provenance
 
 
 def test_run_id_hashes_identity_not_location():
@@ -64,7 +65,7 @@ def test_provenance_names_versions_and_commit():
 
 
 def test_records_keep_one_row_per_run_id_and_legacy_rows(tmp_path):
-    from bench.results import read_record, rebuild_csv, result_rows, write_record
+    from bench.store.records import read_record, rebuild_csv, result_rows, write_record
     legacy = {"run_id": "old", "task": "t", "status": "ok", "x": "1"}
     append_row(tmp_path / "t.csv", legacy)
     append_row(tmp_path / "t.csv", {**legacy, "x": "2"})  # an old folder's duplicate: the last one wins

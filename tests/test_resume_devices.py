@@ -6,10 +6,10 @@ which raises IndexError for a device that does not exist, as torch does."""
 import pytest
 import torch
 
-from bench import checkpoint as ckpt
-from bench import engine
+from bench.train import checkpoint as ckpt
+from bench.train.state import flush, resume, save, setup
 from bench.minimizers import SAM
-from bench.runner import make_config
+from bench.recipes import make_config
 from bench.registry import get_task
 
 
@@ -46,7 +46,7 @@ def _state(tmp_path):
     cfg = make_config("digits-noise", minimizer="sam", epochs=2, device="cpu", workers=0,
                       results_dir=str(tmp_path))
     job = get_task(cfg.task).build(cfg, torch.device("cpu"))
-    return engine.setup(cfg, job, torch.device("cpu"))
+    return setup(cfg, job, torch.device("cpu"))
 
 
 def test_a_run_saves_its_own_devices_generator_only(monkeypatch):
@@ -62,8 +62,8 @@ def test_a_checkpoint_from_an_8_gpu_node_resumes_on_a_worker_that_sees_one(monke
     local` worker with one GPU visible takes the run over: it resumes, restoring its own device's stream."""
     st = _state(tmp_path)
     path = tmp_path / "checkpoint.pt"
-    engine.save(st, path)
-    engine.flush(st)
+    save(st, path)
+    flush(st)
     saved = torch.load(path, weights_only=True)
     saved["rng"][0]["cuda"] = [torch.tensor([i] * 4, dtype=torch.uint8) for i in range(8)]
     torch.save(saved, path)
@@ -71,7 +71,7 @@ def test_a_checkpoint_from_an_8_gpu_node_resumes_on_a_worker_that_sees_one(monke
     fake.install(monkeypatch)
     resumed = _state(tmp_path)
     resumed.device = torch.device("cuda", 0)  # the run's device (its tensors stay on the CPU here)
-    engine.resume(resumed, path)
+    resume(resumed, path)
     assert fake.restored == {0: 0} and resumed.epoch == 0
 
 

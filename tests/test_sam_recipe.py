@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from bench.config import RunConfig
-from bench.batch import Cost
-from bench.engine import make_base_optimizer, make_scheduler, train_step
+from bench.train.batch import Cost
+from bench.train.runtime import make_base_optimizer, make_scheduler
+from bench.train.step import train_step
 from bench.errors import UserError
 from bench.minimizers import SAM
-from bench.runner import make_config
+from bench.recipes import make_config
 
 RHO, LR, WD = 0.1, 0.5, 0.01
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bench.cli import app
-from bench.report import load_results
-from bench.results import result_rows
-from bench.sharpness_measures import MEASURES
+from bench.cli.main import app
+from bench.report.load import load_results
+from bench.store.records import result_rows
+from bench.sharpness.measures import MEASURES
 
 runner = CliRunner()
 FAST = ["--examples", 256, "--m", 128, "--iters", 3, "--device", "cpu"]
@@ -129,7 +129,7 @@ def test_study_smoke_trains_measures_reports_and_resumes(tmp_path):
 def test_measures_run_in_exact_fp32_whatever_the_tf32_flags(kept, monkeypatch):
     """The protocol says fp32: TF32 (torch's default in cuDNN convolutions, --fast's in matmuls) is off while
     measuring, and the flags are as they were afterwards."""
-    from bench import sharpness_measures as sm
+    from bench.sharpness import measures as sm
     results, run_id = kept
     seen, measure = [], sm.measure
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

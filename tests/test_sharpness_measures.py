@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from bench.sharpness_measures import (MEASURES, RHO_MEASURES, Protocol, batches_of, loss_and_accuracy,
+from bench.sharpness.measures import (MEASURES, RHO_MEASURES, Protocol, batches_of, loss_and_accuracy,
                                       measure)
-from bench.stats import kendall_tau
+from bench.report.stats import kendall_tau
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,17 +5,18 @@ read of a device value on the host (`.item()`, `bool()`, `.tolist()`, printing) 
 CUDA would sync; `DeviceCopies` flags every copy of a host tensor onto the device and every op that mixes host
 and device tensors (CUDA copies the host one over), which is where the step would wait for a pageable copy.
 A 0-dim host tensor in an op (a scalar, passed by value) is no copy. The step is the engine's own
-(`bench.step.loop_step` on a `bench.engine.setup` state): the Batch, accumulation, m-sharpness chunks, the epoch
+(`bench.step.loop_step` on a `bench.setup` state): the Batch, accumulation, m-sharpness chunks, the epoch
 sums, the per-step scheduler."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bench import engine
+from bench.train.runtime import autocast_for
+from bench.train.state import setup
 from bench.minimizers import MINIMIZERS
-from bench.runner import make_config
-from bench.step import loop_step
+from bench.recipes import make_config
+from bench.train.step import loop_step
 from bench.task import Job
 from tasks.cifar import make_loss
 
@@ -44,7 +45,7 @@ def _state(minimizer: str, **settings):
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
     job = Job(model=model, train_loader=[None] * 4, test_loader=[], loss_fn=make_loss(cfg.label_smoothing),
               num_train=4 * BATCH)
-    return engine.setup(cfg, job, META)
+    return setup(cfg, job, META)
 
 
 CASES = [(name, {"accumulate": 2}) for name in ["sgd", *MINIMIZERS]]
@@ -59,7 +60,7 @@ def test_a_training_step_neither_syncs_nor_copies(name, settings):
     sums = torch.zeros(5, device=META, dtype=torch.float64)
     with DeviceCopies():
         for _ in range(3):  # LookSAM's reuse steps and ESAM's selection come after the first
-            loop_step(st, x, y, engine.autocast_for("fp32", META), sums, lambda t: t.shape[0])
+            loop_step(st, x, y, autocast_for("fp32", META), sums, lambda t: t.shape[0])
     assert st.cost.steps == 3
 
 

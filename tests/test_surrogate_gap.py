@@ -8,12 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from bench.batch import Batch, Cost
+from bench.train.batch import Batch, Cost
 from bench.config import RunConfig
 from bench.data import TensorLoader, set_epoch
-from bench.engine import make_base_optimizer, train
+from bench.train.runtime import make_base_optimizer
+from bench.train.loop import train
 from bench.minimizers import SAM, LossScaler
-from bench.runner import execute, make_config
+from bench.recipes import make_config
+from bench.train.runner import execute
 from bench.task import Job
 
 CPU = torch.device("cpu")

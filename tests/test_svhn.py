@@ -6,10 +6,10 @@ import torch
 from scipy.io import loadmat
 from typer.testing import CliRunner
 
-from bench.cli import app
+from bench.cli.main import app
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.runner import make_config
+from bench.recipes import make_config
 from tasks.svhn import load_split, write_fake_svhn
 
 

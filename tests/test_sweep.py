@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
+from bench.cli.main import app
 from bench.errors import UserError
-from bench.results import read_record
-from bench.sweep.claims import Claims
+from bench.store.records import read_record
+from bench.store.claims import Claims
 from bench.sweep.launch import parse_gpus, sbatch_text, slurm_parameters
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -55,7 +55,7 @@ def test_claim_is_taken_over_only_when_its_owner_is_gone(tmp_path):
     claims = Claims(tmp_path, stale_after=5)
     mine, found, _ = claims.acquire("r")
     assert mine is not None and found is None
-    other = subprocess.run([sys.executable, "-c", "import sys; from bench.sweep.claims import Claims; "
+    other = subprocess.run([sys.executable, "-c", "import sys; from bench.store.claims import Claims; "
                             f"c, f, w = Claims(sys.argv[1]).acquire('r'); print(c is None, f.pid)", str(tmp_path)],
                            capture_output=True, text=True, env=ENV)
     assert other.stdout.split() == ["True", str(os.getpid())]  # held by a live process: refused
@@ -63,7 +63,7 @@ def test_claim_is_taken_over_only_when_its_owner_is_gone(tmp_path):
     claims.release(mine)
     assert claims.read("r") is None
     # owner died (a pid that is gone on this host)
-    dead = subprocess.run([sys.executable, "-c", "import sys; from bench.sweep.claims import Claims; "
+    dead = subprocess.run([sys.executable, "-c", "import sys; from bench.store.claims import Claims; "
                            "Claims(sys.argv[1]).acquire('r2')", str(tmp_path)], env=ENV)
     assert dead.returncode == 0
     taken, found, why = claims.acquire("r2")
@@ -107,9 +107,9 @@ def test_run_again_is_already_done_and_force_replaces(tmp_path, fake_cifar10):
 
 
 def test_a_run_held_by_a_live_process_is_refused(tmp_path, fake_cifar10):
-    from bench.runner import make_config
+    from bench.recipes import make_config
     cfg = make_config("cifar10", minimizer="sgd", epochs=1, device="cpu", results_dir=str(tmp_path))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bench.sweep.claims import Claims; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bench.store.claims import Claims; "
                                "Claims(sys.argv[1]).acquire(sys.argv[2]); print('held', flush=True); time.sleep(60)",
                                str(tmp_path), cfg.run_id], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -146,10 +146,10 @@ def test_three_sweepers_share_one_plan(tmp_path):
 
 DRIVER = """
 import sys
-from bench.sweep.plan import plan
+from bench.tables.plan import plan
 from bench.sweep.sweeper import Sweeper
 from bench.registry import tables_file
-from bench.sweep.plan import load_tables
+from bench.tables.plan import load_tables
 t6 = dict(load_tables(tables_file())["asam6"])
 t6["presets"] = {"smoke": {"rows": ["40 %"], "seeds": 1, "synthetic": [512, 64],
                            "settings": {"model": "resnet20", "epochs": 3, "batch_size": 16}}}
@@ -255,7 +255,7 @@ def test_sweep_bad_input(tmp_path, extra, message):
 
 def test_status_names_a_corrupt_claim(tmp_path):
     from bench.registry import tables_file
-    from bench.sweep.plan import load_tables, plan
+    from bench.tables.plan import load_tables, plan
     cfg = plan(load_tables(tables_file()), ["asam6"], "smoke", results_dir=str(tmp_path))[0].runs[0]
     claims = Claims(tmp_path)
     status = ["reproduce", "asam6", "--preset", "smoke", "--status", "--results-dir", str(tmp_path)]
@@ -281,7 +281,8 @@ def test_slurm_without_submitit_is_one_line(tmp_path, monkeypatch):
 def test_failure_record_keeps_first_line_log_and_oom_hint(tmp_path):
     import torch
 
-    from bench.runner import make_config, record_failure
+    from bench.recipes import make_config
+    from bench.train.runner import record_failure
     cfg = make_config("cifar10", minimizer="sam", results_dir=str(tmp_path))
     row = record_failure(cfg, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
                          "Traceback (most recent call last):\n  ...\n")

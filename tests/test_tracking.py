@@ -11,10 +11,10 @@ import types
 import pytest
 import torch
 
-from bench import tracking
+from bench.train import tracking
 from bench.config import RunConfig
 from bench.errors import UserError
-from bench.tracking import KINDS, Tracker, check_tracking, hparams, make_tracker
+from bench.train.tracking import KINDS, Tracker, check_tracking, hparams, make_tracker
 
 
 def _importable(name: str) -> bool:

@@ -12,7 +12,8 @@ import torch
 
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.runner import execute, make_config
+from bench.recipes import make_config
+from bench.train.runner import execute
 from tasks.translation.beam import beam_search, greedy_decode, remove_bpe, tokenized_bleu, translate
 from tasks.translation.data import EOS, PAD, Dictionary, PairDataset, TokenBatchLoader, pad_right
 from tasks.translation.model import count_parameters, create_transformer
@@ -328,7 +329,9 @@ def test_fake_archive_prepared_then_trained_end_to_end(tmp_path):
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(corpus_dir, tmp_path):
     # The best-validation weights and the epoch counter live in the task between epochs: they must come
     # back from the checkpoint, or best_epoch / test_bleu after a resume describe the wrong epoch.
-    from bench.engine import Interrupted, StopFlag, seed_everything, train
+    from bench.train.control import Interrupted, StopFlag
+    from bench.train.runtime import seed_everything
+    from bench.train.loop import train
     task = get_task("iwslt14-de-en")
     cfg = make_config("iwslt14-de-en", model="transformer_tiny", minimizer="sam", epochs=4, batch_size=256,
                       lr=3e-3, warmup_steps=50, data_dir=str(corpus_dir), device="cpu")

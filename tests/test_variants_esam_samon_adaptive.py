@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.batch import Batch, Cost
+from bench.train.batch import Batch, Cost
 from bench.errors import UserError
 from bench.minimizers import ASAM, create_minimizer
 from bench.minimizers.esam import ESAM, selection_size, sharpest, swp_mask
@@ -345,7 +345,7 @@ def test_defaults_and_edges_accepted():
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_image_task_per_example_loss_is_the_training_loss(fake_cifar10, smoothing):
     from bench.registry import get_task
-    from bench.runner import make_config
+    from bench.recipes import make_config
     cfg = make_config("cifar10", minimizer="esam", data_dir=str(fake_cifar10), workers=0,
                       label_smoothing=smoothing)
     job = get_task("cifar10").build(cfg, torch.device("cpu"))
@@ -363,7 +363,7 @@ def test_image_task_per_example_loss_is_the_training_loss(fake_cifar10, smoothin
 
 def test_digits_per_example_loss_is_the_training_loss():
     from bench.registry import get_task
-    from bench.runner import make_config
+    from bench.recipes import make_config
     cfg = make_config("digits-noise", minimizer="esam", label_smoothing=0.1)
     job = get_task("digits-noise").build(cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
@@ -373,7 +373,7 @@ def test_digits_per_example_loss_is_the_training_loss():
 
 def test_imagenet_per_example_loss_is_the_training_loss(tmp_path):
     from bench.registry import get_task
-    from bench.runner import make_config
+    from bench.recipes import make_config
     from tasks.imagenet import write_fake_imagenet
     write_fake_imagenet(str(tmp_path), 2, 2, 0)
     cfg = make_config("imagenet", minimizer="esam", model="resnet10t", data_dir=str(tmp_path), workers=0,
@@ -388,7 +388,7 @@ def test_esam_trains_through_the_engine(tmp_path):
     import pandas as pd
     from typer.testing import CliRunner
 
-    from bench.cli import app
+    from bench.cli.main import app
     args = ["run", "digits-noise", "--minimizer", "esam", "--epochs", "1", "--batch-size", "100",
             "--results-dir", str(tmp_path), "--quiet", "--device", "cpu"]
     r = CliRunner().invoke(app, args)

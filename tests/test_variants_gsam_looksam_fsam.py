@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.batch import Batch, Cost
+from bench.train.batch import Batch, Cost
 from bench.minimizers import MINIMIZERS, SAM, LossScaler, create_minimizer
 from bench.minimizers.fsam import FSAM
 from bench.minimizers.gsam import GSAM

@@ -10,12 +10,17 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from bench.minimizers.base import (Minimizer, OptionError, Pass, as_batch, global_norm,  # noqa: F401
-                                   make_hparams)
-from bench.minimizers.registry import (BASE_NAMES, MINIMIZERS, create_minimizer, minimizer_class,  # noqa: F401
-                                       option_names, register_minimizer)
-from bench.minimizers.sam import SAM  # noqa: F401
 from bench.minimizers.asam import ASAM  # noqa: F401
+from bench.minimizers.base import Minimizer, OptionError, Pass, as_batch, global_norm, make_hparams  # noqa: F401
+from bench.minimizers.registry import (  # noqa: F401
+    BASE_NAMES,
+    MINIMIZERS,
+    create_minimizer,
+    minimizer_class,
+    option_names,
+    register_minimizer,
+)
+from bench.minimizers.sam import SAM  # noqa: F401
 from bench.minimizers.scaler import LossScaler  # noqa: F401
 
 _SUPPORT = {"base", "registry", "scaler", "sam", "asam"}

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
 def measure(cfg: RunConfig, spec: dict, trained: bool) -> None:
     """The sharpness measures the run's table asks for (rank 0 only): all of them after training it, else
     those sharpness.csv lacks."""
-    from bench.sharpness import Request, measure_run, missing_pairs
+    from bench.sharpness.run import Request, measure_run, missing_pairs
     request = Request.from_dict(spec)
     todo = request.pairs() if trained else missing_pairs(cfg.results_dir, cfg.run_id, request)
     if todo and D.is_main():
@@ -34,10 +34,9 @@ def measure(cfg: RunConfig, spec: dict, trained: bool) -> None:
 def run_one(cfg: RunConfig, force: bool = False, sharpness: dict | None = None) -> int:
     """Train one run of a sweep in this process (and its torchrun peers), then measure its sharpness when
     `sharpness` (a bench.sharpness.Request.as_dict()) says; the exit status above."""
-    from bench.cli import graceful_sigint
-    from bench.engine import Interrupted, StopFlag
-    from bench.runner import AlreadyDone, execute, record_failure
-    from bench.sweep.claims import ClaimHeld
+    from bench.store.claims import ClaimHeld
+    from bench.train.control import Interrupted, StopFlag, graceful_sigint
+    from bench.train.runner import AlreadyDone, execute, record_failure
 
     stop = StopFlag()
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.config import RunConfig
 from bench.errors import UserError
-from bench.sweep.plan import TablePlan
+from bench.tables.plan import TablePlan
 
 LAUNCHERS = ("local", "slurm")
 MASK = "CUDA_VISIBLE_DEVICES"

@@ -5,10 +5,10 @@ import time
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.results import FINISHED, read_record, results_csvs
-from bench.runner import completed_run_ids, results_csv_problem
-from bench.sweep.claims import Claims
-from bench.sweep.plan import TablePlan
+from bench.store.claims import Claims
+from bench.store.records import FINISHED, read_record, results_csvs
+from bench.tables.plan import TablePlan
+from bench.train.runner import completed_run_ids, results_csv_problem
 
 
 def check_results_folder(results_dir: str | Path, must_exist: bool) -> None:

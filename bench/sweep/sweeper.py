@@ -17,20 +17,21 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from filelock import FileLock
 
 from bench.config import RunConfig
-from bench.engine import handling_sigint
 from bench.errors import UserError
 from bench.registry import get_task
-from bench.results import FINISHED, atomic_write, read_record, run_folder, sync_csvs
-from bench.runner import completed_run_ids, record_failure
-from bench.sweep.claims import ENV, HEARTBEAT_EVERY, STALE_AFTER, Claims, Heartbeat
-from bench.sweep.plan import TablePlan, load_tables, plan
+from bench.store.claims import ENV, HEARTBEAT_EVERY, STALE_AFTER, Claims, Heartbeat
+from bench.store.files import atomic_write
+from bench.store.records import FINISHED, read_record, run_folder, sync_csvs
+from bench.tables.plan import TablePlan, load_tables, plan
+from bench.train.control import handling_sigint
+from bench.train.runner import completed_run_ids, record_failure
 
 
 @dataclass(frozen=True)

@@ -68,5 +68,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from tasks.models import (cifar_resnet, densenet, pyramidnet, resnet_option_a, resnext,  # noqa: E402,F401
-                          shake_shake, vgg, wrn)  # (registration side effects)
+from tasks.models import (  # noqa: E402,F401
+    cifar_resnet,
+    densenet,
+    pyramidnet,
+    resnet_option_a,
+    resnext,
+    shake_shake,  # (registration side effects)
+    vgg,
+    wrn,
+)

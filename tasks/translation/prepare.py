@@ -29,8 +29,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from bench.errors import UserError
+from bench.store.files import atomic_write as _atomic_write
 from bench.task import SYNTHETIC_MARKER
-from bench.results import atomic_write as _atomic_write  # temporary file + fsync + rename
 
 SRC, TGT = "de", "en"
 PAIR = f"{SRC}-{TGT}"

@@ -1,0 +1,105 @@
+"""`bench report`'s entry: results, paper cells, tables and plans in, report.md and its PNGs out (written whole,
+through atomic renames, so a reader never sees half a file)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report.compute import cell_views, labels, plot_compute
+from bench.report.curves import plot_curves, plot_title
+from bench.report.load import load_results, load_targets
+from bench.report.render import render_report, sections
+from bench.report.sharpness import plot_study
+from bench.store.files import atomic_replace, atomic_write
+from bench.tables.cells import Plans, match_plans
+from bench.tables.layout import load_tables, models, tasks
+
+MAX_PLOTS = 12
+
+
+MAX_COMPUTE_PLOTS = 24  # accuracy-vs-compute plots: one per cell
+
+
+def _plot_groups(results: pd.DataFrame, tables: dict, plots: list | None) -> list[tuple]:
+    """(task, model, noise, synthetic) groups of ok runs, the tables' order first, or those of `plots`."""
+    ok = results.loc[results["status"] == "ok", ["task", "model", "noise", "synthetic"]]
+    groups = list(ok.drop_duplicates().itertuples(index=False, name=None))
+    if plots is not None:
+        wanted = [tuple(p) for p in plots]
+        return sorted((g for g in groups if g[:2] in wanted), key=lambda g: (wanted.index(g[:2]), g[3], g[2]))
+    order = [task for t in tables.values() for task in tasks(t)] + [m for t in tables.values() for m in models(t)]
+    rank = {name: i for i, name in reversed(list(enumerate(order)))}  # first mention wins
+    return sorted(groups, key=lambda g: (rank.get(g[0], len(order)), str(g[0]), rank.get(g[1], len(order)),
+                                         str(g[1]), g[3], g[2]))
+
+
+def write_report(results_dir: str | Path, out_path: str | Path, targets_path: str | Path,
+                 tables_path: str | Path, plans: Plans, plots: list | None = None) -> str:
+    """Render the report to `out_path` with its curves as PNGs beside it; returns the markdown."""
+    results = match_plans(load_results(results_dir), plans)
+    tables = load_tables(tables_path)
+    md = render_report(results, load_targets(targets_path), tables, plans, source=str(results_dir))
+    out = Path(out_path)
+    links, made = [], set()
+    for task, model, noise, fake in _plot_groups(results, tables, plots):
+        if plots is None and len(made) >= MAX_PLOTS:
+            break
+        name = f"{out.stem}-{task}-{model}" + (f"-noise{noise:g}" if noise else "")
+        name += "-synthetic" if fake else ""
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png"  # a safe file name whatever the task is called
+        if plot_curves(results_dir, results, task, model, out.with_name(name), noise=noise, synthetic=fake):
+            made.add((task, model, noise, fake))
+            what = plot_title(task, model, noise, fake)
+            links += [f"### {what}", "", f"![{what}]({name})", ""]
+    missing = [f"- {t} / {m}: no epoch logs" for t, m in plots or [] if (t, m) not in {g[:2] for g in made}]
+    if links or missing:
+        md += "\n## Curves\n\n" + "\n".join(links + missing).rstrip() + "\n"
+    md += _compute_plots(results_dir, results, tables, plans, out, plots)
+    md += _study_plots(results_dir, results, tables, plans, out)
+    atomic_write(out, md)
+    return md
+
+
+def _study_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, plans: Plans, out: Path) -> str:
+    """The sharpness studies' scatter plots (a measure against the generalization gap), beside the report."""
+    links = []
+    for t, lay, preset, part, fake, suffix in sections(results, tables, plans):
+        def write(name: str, fig) -> None:
+            file = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{out.stem}-sharpness-{preset}-{name}" + "-synthetic" * fake)
+            atomic_replace(out.with_name(file + ".png"), lambda f: fig.savefig(f, format="png", dpi=110))
+            links.extend([f"### {lay.name}{suffix}: {name}" + (" — synthetic data" if fake else ""), "",
+                          f"![{name}]({file}.png)", ""])
+        plot_study(lay, part, results_dir, write)
+    head = ["## Sharpness against the generalization gap", ""]
+    return "\n" + "\n".join(head + links).rstrip() + "\n" if links else ""
+
+
+def _compute_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, plans: Plans, out: Path,
+                   plots: list | None) -> str:
+    """Accuracy against compute, one PNG per cell of a table section with compute logs (those of `plots`'
+    task/model pairs when given; at most MAX_COMPUTE_PLOTS), beside the report; their markdown links."""
+    links, made, left = [], 0, 0
+    wanted = None if plots is None else {tuple(p) for p in plots}
+    for t, lay, preset, part, fake, suffix in sections(results, tables, plans):
+        for view in cell_views(t, lay, preset, part, results_dir):
+            if wanted is not None and (view.task, view.model) not in wanted:
+                continue
+            if made >= MAX_COMPUTE_PLOTS:
+                left += 1
+                continue
+            made += 1
+            cell = " / ".join(x for x in labels(t, lay, view) if x)
+            parts = [out.stem, "compute", lay.name, preset, view.task, view.row, view.variant, "synthetic" * fake]
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)) + ".png"
+            plot_compute(view, f"{lay.name}: {cell}" + (" (synthetic data)" if fake else ""),
+                         lambda fig: atomic_replace(out.with_name(name), lambda f: fig.savefig(f, format="png", dpi=110)))
+            what = f"{lay.name}{suffix}: {cell}" + (" — synthetic data" if fake else "")
+            links += [f"### {what}", "", f"![{what}]({name})", ""]
+    if left:
+        links.append(f"{left} more cell{'s' * (left > 1)} not plotted (at most {MAX_COMPUTE_PLOTS}; "
+                     "choose with --plot TASK:MODEL).")
+    head = ["## Accuracy vs compute", "", "Mean test accuracy over seeds against cumulative passes (a forward alone "
+            "counting 1/3), one line per minimizer; dashed: SGD's total compute.", ""]
+    return "\n" + "\n".join(head + links).rstrip() + "\n" if links else ""
