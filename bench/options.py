@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import field, fields
-from typing import Any
+from typing import Any, Iterable
 
 from bench.errors import UserError
 
@@ -33,11 +33,14 @@ def describe_range(f: dataclasses.Field) -> str:
     return ("an integer in " if m.get("integer") else "in ") + f"{lo}, {hi}"
 
 
-def check_value(owner: str, f: dataclasses.Field, value) -> Any:
+def check_value(owner: str, f: dataclasses.Field, value, flag: bool = False) -> Any:
     """The value converted to the field's type, or a one-line OptionError that names the range. `owner` says
-    whose option it is ("minimizer gsam", "task cifar10")."""
+    whose option it is ("minimizer gsam", "task cifar10"); `flag`: the option has a flag of its own (--noise),
+    which the message names."""
     m, default = f.metadata, f.default
-    bad = OptionError(f"{owner}: {f.name}={value!r} must be {describe_range(f)} ({m.get('help', '')})")
+    bad = OptionError(f"--{f.name.replace('_', '-')} must be {describe_range(f)}, got {value!r} ({owner}: "
+                      f"{m.get('help', '')})" if flag else
+                      f"{owner}: {f.name}={value!r} must be {describe_range(f)} ({m.get('help', '')})")
     if m.get("choices"):
         if value not in m["choices"]:
             raise bad
@@ -57,23 +60,24 @@ def check_value(owner: str, f: dataclasses.Field, value) -> Any:
     return value
 
 
-def make_options(owner: str, cls: type, values: dict[str, Any]):
-    """cls(**values) with every value checked; an unknown key is refused with the valid list."""
+def make_options(owner: str, cls: type, values: dict[str, Any], flags: Iterable[str] = ()):
+    """cls(**values) with every value checked; an unknown key is refused with the valid list. `flags`: the
+    options with a flag of their own."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         valid = ", ".join(known) or "none"
         raise OptionError(f"unknown option(s) {', '.join(unknown)} for {owner}; its options: {valid}")
-    return cls(**{k: check_value(owner, known[k], v) for k, v in values.items()})
+    return cls(**{k: check_value(owner, known[k], v, k in flags) for k, v in values.items()})
 
 
-def resolve(owner: str, cls: type, *layers: dict[str, Any]) -> dict[str, Any]:
+def resolve(owner: str, cls: type, *layers: dict[str, Any], flags: Iterable[str] = ()) -> dict[str, Any]:
     """Every option of `cls`, resolved: its defaults, then each layer in turn (a recipe's, then the user's),
     checked once."""
     values = {f.name: f.default for f in fields(cls)}
     for layer in layers:
         values.update(layer)
-    return dataclasses.asdict(make_options(owner, cls, values))
+    return dataclasses.asdict(make_options(owner, cls, values, flags))
 
 
 def option_names(cls: type) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from typing import Any
 from bench.config import DEFAULTS, TASK_SETTINGS, RunConfig, build_config
 from bench.errors import UserError
 from bench.gpu import check_deterministic
+from bench.minimizers import MINIMIZERS
 from bench.registry import get_task, has_task, task_names
 
 
@@ -57,6 +58,14 @@ def missing_part(task_name: str, minimizer: str | None, settings: dict[str, Any]
     return None
 
 
+def check_chunks(cfg: RunConfig) -> None:
+    """--m (m-sharpness) needs a minimizer whose step is a plain perturbation (its step_chunks)."""
+    cls = MINIMIZERS.get(cfg.minimizer)
+    if cls is not None and cfg.m and not cls.supports_chunks:
+        able = ", ".join(n for n, c in MINIMIZERS.items() if c.supports_chunks)
+        raise UserError(f"--m (m-sharpness) is not defined for {cfg.minimizer}; it is for: {able}. Pass --m 0")
+
+
 def make_config(task_name: str, **overrides: Any) -> RunConfig:
     """The task's recipe defaults overridden by the given non-None settings, checked."""
     task = get_task(task_name)
@@ -65,7 +74,10 @@ def make_config(task_name: str, **overrides: Any) -> RunConfig:
     if missing is not None:
         raise UserError(missing.refused())
     model = overrides.get("model") or task.recipe().get("model")
-    cfg = build_config(task_name, task.recipe(model), {**overrides, "model_rev": task.model_rev(model)})
+    minimizer = MINIMIZERS.get(overrides["minimizer"])
+    cfg = build_config(task_name, task.recipe(model), {**overrides, "model_rev": task.model_rev(model)}, task.Options,
+                       minimizer.Hparams if minimizer is not None else None)
+    check_chunks(cfg)
     if cfg.loader not in task.loader_kinds:
         raise UserError(f"--loader {cfg.loader} does not apply to task {task_name}: its data takes "
                         f"{' or '.join(task.loader_kinds)} (--loader device holds a whole in-memory image dataset on "

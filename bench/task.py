@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from bench.options import NoOptions, option_names
+
 # The file whose presence marks a dataset folder as written by `bench data fake`: such runs are labelled
 # synthetic and never mixed with real-data runs.
 SYNTHETIC_MARKER = "SYNTHETIC"
@@ -48,13 +50,18 @@ class Task:
     name: str = ""
     description: str = ""
     base_optimizer: str = "sgd"
-    settings: tuple[str, ...] = ()  # task-specific RunConfig fields this task reads (e.g. "noise")
+    Options: type = NoOptions  # its own options, declared as a minimizer's Hparams are (bench.options)
     loader_kinds: tuple[str, ...] = ("auto",)  # the --loader values this task honours (any other is refused)
 
     def __init__(self, name: str, **kwargs: Any):
         self.name = name
         for key, value in kwargs.items():
             setattr(self, key, value)
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The names of its options (those of the shorthand flags among them: noise, augment, ...)."""
+        return option_names(self.Options)
 
     def recipe(self, model: str | None = None) -> dict[str, Any]:
         """Recipe defaults: RunConfig fields plus `minimizers` ({name: {option: value}}, the TOML's
@@ -139,16 +146,6 @@ def merge_recipe(recipe: dict[str, Any], update: dict[str, Any]) -> dict[str, An
         else:
             recipe[key] = value
     return recipe
-
-
-def load_toml(path) -> dict[str, Any]:
-    """Read a recipe file (tasks keep their hyperparameters as data next to their code)."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    with open(path, "rb") as f:
-        return tomllib.load(f)
 
 
 def cross_entropy_per_example(smoothing: float = 0.0) -> Callable:

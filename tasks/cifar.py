@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ import numpy as np
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
+from bench.config import load_toml
 from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER, DataStatus, holding
-from tasks.images import ImageSet, ImageTask, fake_images, make_loss  # noqa: F401 (imagenet imports make_loss here)
+from bench.task import SYNTHETIC_MARKER, DataStatus, holding, merge_recipe
+from tasks.images import AugmentDropout, ImageSet, ImageTask, NoisyImages, fake_images
 
 RECIPE_FILE = str(Path(__file__).with_name("cifar.toml"))
 
@@ -76,7 +78,7 @@ def load_cifar(root: str | Path, dataset: str, train: bool, transform=None, down
 class CifarTask(ImageTask):
     recipe_file = RECIPE_FILE
     dataset = "cifar10"
-    settings = ("augment", "dropout")  # --dropout: the models with dropout layers (the WRNs)
+    Options = AugmentDropout  # --dropout: the models with dropout layers (the WRNs)
 
     def load(self, cfg, train: bool) -> ImageSet:
         ds = load_cifar(cfg.data_dir, self.dataset, train, download=cfg.download and train)
@@ -100,6 +102,24 @@ register_task("cifar10", dataset="cifar10",
               description="CIFAR-10, ASAM Table 2 (torchvision data, official recipe)")(CifarTask)
 register_task("cifar100", dataset="cifar100",
               description="CIFAR-100, ASAM Table 3 (torchvision data, official recipe)")(CifarTask)
+
+
+@register_task("cifar10-noise", dataset="cifar10",
+               description="CIFAR-10 with symmetric label noise, ASAM Table 6 (--noise, --noise-seed)")
+class LabelNoiseTask(CifarTask):
+    """CIFAR-10 whose training labels are, each with probability `--noise`, replaced by a class drawn uniformly
+    from the other nine (`tasks.images.symmetric_noise`). The corruption comes from its own seed (`--noise-seed`),
+    never from the run's, so SGD, SAM and ASAM (and every training seed) see the very same noisy labels; the test
+    labels stay clean. Its recipe: cifar.toml's, then label_noise.toml's."""
+    Options = NoisyImages
+
+    def recipe(self, model: str | None = None) -> dict[str, Any]:
+        return merge_recipe(super().recipe(model), _noise_recipe())
+
+
+@lru_cache(maxsize=None)
+def _noise_recipe() -> dict[str, Any]:
+    return load_toml(Path(__file__).with_name("label_noise.toml"))
 
 
 def _dump(path: Path, obj: dict) -> None:

@@ -7,6 +7,7 @@ in tensors on the device (`TensorLoader`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.config import load_toml
 from bench.data import TensorLoader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import DataStatus, Job, Task, check_examples, cross_entropy_per_example, load_toml
-from tasks.images import relu_dropout
-from tasks.label_noise import symmetric_noise
+from bench.task import DataStatus, Job, Task, check_examples, cross_entropy_per_example
+from tasks.images import Dropout, LabelNoise, relu_dropout, symmetric_noise
 
 RECIPE = load_toml(Path(__file__).with_name("digits.toml"))
 TEST_SIZE = 500
@@ -45,10 +46,15 @@ def mlp(num_classes: int = 10, hidden: int = 256, dropout: float = 0.0) -> nn.Mo
                          relu_dropout(dropout), nn.Linear(hidden, num_classes))
 
 
+@dataclass(frozen=True)
+class NoisyDigits(LabelNoise, Dropout):
+    """dropout, noise, noise_seed"""
+
+
 @register_task("digits-noise", description="scikit-learn digits (real 8x8 images) with symmetric label "
                                            "noise, MLP: the no-download demo")
 class DigitsNoiseTask(Task):
-    settings = ("noise", "noise_seed", "dropout")
+    Options = NoisyDigits
     loader_kinds = ("auto", "device")  # always device-resident tensors (TensorLoader)
 
     def data_status(self, data_dir) -> DataStatus:

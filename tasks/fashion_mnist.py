@@ -31,7 +31,7 @@ from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
 from bench.task import SYNTHETIC_MARKER, DataStatus
-from tasks.images import ImageSet, ImageTask, fake_images
+from tasks.images import ImageSet, ImageTask, NoisyImages, fake_images
 
 RECIPE_FILE = str(Path(__file__).with_name("fashion_mnist.toml"))
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
@@ -100,7 +100,7 @@ def _fetch(data_dir: str | Path) -> None:
 class FashionMnistTask(ImageTask):
     recipe_file = RECIPE_FILE
     dataset = "fashion-mnist"
-    settings = ("augment", "noise", "noise_seed", "dropout")  # --dropout: the WRNs and the demo's MLP
+    Options = NoisyImages  # --dropout: the WRNs and the demo's MLP
 
     def load(self, cfg, train: bool) -> ImageSet:
         images, labels = load_fashion_mnist(cfg.data_dir, train, cfg.download)

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from torchvision import datasets, transforms
 
+from bench.config import load_toml
 from bench.data import make_loader
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, cross_entropy_per_example, load_toml
-from tasks.cifar import make_loss
+from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, cross_entropy_per_example
+from tasks.images import make_loss
 
 RECIPE = load_toml(Path(__file__).with_name("imagenet.toml"))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -26,6 +26,7 @@ model a non-zero rate is refused.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -37,12 +38,45 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from bench.augment import Cutout, DeviceCifarLoader
+from bench.config import load_toml
 from bench.data import make_loader
 from bench.errors import UserError
-from bench.task import Job, Task, check_examples, cross_entropy_per_example, load_toml, merge_recipe
+from bench.options import option
+from bench.task import Job, Task, check_examples, cross_entropy_per_example, merge_recipe
 from tasks.models import MODEL_INFO, create_model, model_names
 
 CUTOUT = 16   # the SAM code's cutout_length
+AUGMENTS = ("basic", "cutout", "autoaugment", "autoaugment-cutout", "none")
+
+
+# The image tasks' options (declared as a minimizer's are; the CLI's --augment, --dropout, --noise, --noise-seed
+# set them, and --topt KEY=VALUE any): each task's `Options` combines those it reads.
+@dataclass(frozen=True)
+class Augment:
+    augment: str = option("basic", "training-image augmentation (the SAM code's menu; see tasks/images.py)",
+                          choices=AUGMENTS)
+
+
+@dataclass(frozen=True)
+class Dropout:
+    dropout: float = option(0.0, "dropout rate of the models with dropout layers (the MLPs, WRN-28-2/10)", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class LabelNoise:
+    noise: float = option(0.0, "symmetric noise rate of the training labels", ge=0, le=1)
+    noise_seed: int = option(0, "seed of the label corruption (the same for every minimizer and seed)", ge=0,
+                             integer=True)
+
+
+@dataclass(frozen=True)
+class AugmentDropout(Dropout, Augment):
+    """augment, dropout"""
+
+
+@dataclass(frozen=True)
+class NoisyImages(LabelNoise, Dropout, Augment):
+    """augment, dropout, noise, noise_seed"""
 SUBTABLES = ("data", "by_model", "split")  # tables of a recipe file that are not RunConfig settings
 PADDING = 4   # random-crop padding of `basic`, in every recipe of both papers
 
@@ -146,7 +180,7 @@ class ImageTask(Task):
     dataset: str = ""
     overrides: str = ""
     base_optimizer = "sgd"
-    settings: tuple[str, ...] = ("augment",)
+    Options: type = Augment
     loader_kinds = ("auto", "torchvision", "device")
     local_models: tuple[str, ...] = ()  # LOCAL_MODELS this task offers besides the zoo
 

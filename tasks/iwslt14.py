@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from bench import distributed as D
+from bench.config import load_toml
 from bench.errors import UserError
 from bench.registry import register_task
-from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, holding, load_toml
+from bench.task import SYNTHETIC_MARKER, DataStatus, Job, Task, holding
 from tasks.translation.beam import detokenized_bleu, remove_bpe, tokenized_bleu, translate
 from tasks.translation.data import PAD, Dictionary, PairDataset, TokenBatchLoader, read_lines
 from tasks.translation.fake import write_fake_archive

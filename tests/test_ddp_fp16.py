@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from bench.train.batch import Batch, Cost
-from bench.minimizers import LossScaler, create_minimizer
+from bench.minimizers import LossScaler, create_minimizer, Switches
 
 STEPS, PLANTED_STEP, PLANTED_RANK = 4, 2, 1
 
@@ -31,8 +31,7 @@ def _worker(rank, world, rdv, out_dir, name):
     model = _net()
     net = nn.parallel.DistributedDataParallel(model)
     scaler = LossScaler(init_scale=1024.0)
-    mz = create_minimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.05,
-                          scaler=scaler)
+    mz = create_minimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.05, switches=Switches(scaler=scaler))
     g = torch.Generator().manual_seed(100 + rank)
     x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
     state = {"step": 0, "first": True}

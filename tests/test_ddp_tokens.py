@@ -44,7 +44,7 @@ def _batch(rank):
 
 
 def _cfg(minimizer):
-    return RunConfig(task="iwslt14-de-en", model="toy", minimizer=minimizer, optimizer="sgd", lr=1.0, momentum=0.0,
+    return RunConfig.of(task="iwslt14-de-en", model="toy", minimizer=minimizer, optimizer="sgd", lr=1.0, momentum=0.0,
                      weight_decay=0.0, schedule="constant", epochs=1, batch_size=2, world_size=2, device="cpu",
                      label_smoothing=0.1, rho=0.05 if minimizer == "sam" else 0.0)
 

@@ -56,7 +56,7 @@ def test_an_op_without_a_deterministic_implementation_is_one_line():
 def test_benchmark_is_off_on_cuda_when_deterministic():
     saved = torch.backends.cudnn.benchmark
     try:
-        cfg = RunConfig(task="t", model="m", minimizer="sgd", deterministic=True)
+        cfg = RunConfig.of(task="t", model="m", minimizer="sgd", deterministic=True)
         runtime.set_backend_flags(cfg, torch.device("cuda"))  # sets flags only: no GPU needed
         assert torch.backends.cudnn.benchmark is False
     finally:

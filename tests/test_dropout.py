@@ -181,7 +181,7 @@ def test_build_refuses_dropout_before_reading_data(tmp_path):
     with pytest.raises(UserError, match="no dropout layers"):   # make_config refuses it ...
         make_config("cifar10", model="resnet20", minimizer="sgd", dropout=0.3, data_dir=str(tmp_path))
     ok = make_config("cifar10", model="resnet20", minimizer="sgd", data_dir=str(tmp_path))
-    cfg = dataclasses.replace(ok, dropout=0.3)  # ... and so does build, for a config made some other way
+    cfg = dataclasses.replace(ok, topts={**ok.topts, "dropout": 0.3})  # ... and so does build, for a config made some other way
     with pytest.raises(UserError, match="no dropout layers"):   # not "cifar10 not found"
         get_task("cifar10").build(cfg, torch.device("cpu"))
 

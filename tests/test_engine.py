@@ -29,7 +29,7 @@ def _one_thread(one_thread):
 def tiny_cfg(world: int = 1, **kw) -> RunConfig:
     values = dict(task="tiny", model="mlp", minimizer="sam", rho=0.05, epochs=3, batch_size=8, lr=0.05,
                   weight_decay=0.0, schedule="cosine", world_size=world, device="cpu", workers=0)
-    return RunConfig(**{**values, **kw})
+    return RunConfig.of(**{**values, **kw})
 
 
 def tiny_job(bn: bool = False) -> Job:

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from bench.cli.main import app
 from bench.recipes import make_config
 from bench.registry import get_task
-from tasks.label_noise import symmetric_noise
+from tasks.images import symmetric_noise
 
 
 @pytest.mark.parametrize("rate", [0.2, 0.4, 0.6, 0.8])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.minimizers import ASAM, SAM, Minimizer, create_minimizer
+from bench.minimizers import ASAM, SAM, Minimizer, create_minimizer, Switches
 
 
 class TwoParams(nn.Module):
@@ -203,7 +203,7 @@ def test_bn_second_pass(mode, same):
     net, probe = small_net(), small_net()
     x, _ = batch()
     probe(x)  # one train-mode forward: the statistics after the first pass alone
-    train_steps(net, SAM(torch.optim.SGD(net.parameters(), lr=0.1), net, rho=0.5, bn_second_pass=mode), steps=1)
+    train_steps(net, SAM(torch.optim.SGD(net.parameters(), lr=0.1), net, rho=0.5, switches=Switches(bn_second_pass=mode)), steps=1)
     got, want = bn_stats(net), bn_stats(probe)
     assert all(torch.equal(g, w) for g, w in zip(got, want)) is same
     if not same:
@@ -228,10 +228,23 @@ def test_state_dict_round_trip():
 def test_create_minimizer_by_name():
     net = small_net()
     base = torch.optim.SGD(net.parameters(), lr=0.1)
-    assert type(create_minimizer("sgd", base, net, rho=0.1, eta=0.1)) is Minimizer
-    assert type(create_minimizer("sam", base, net, rho=0.1, eta=0.1)) is SAM
+    assert type(create_minimizer("sgd", base, net)) is Minimizer
+    assert type(create_minimizer("sam", base, net, rho=0.1)) is SAM
     asam = create_minimizer("asam", base, net, rho=0.2, eta=0.3)
     assert (type(asam), asam.rho, asam.eta) == (ASAM, 0.2, 0.3)
+
+
+def test_an_option_a_minimizer_does_not_have_is_refused_not_dropped():
+    """One way for options: SAM has no eta, the base optimizer alone no rho; saying so beats training without it."""
+    from bench.options import OptionError
+    net = small_net()
+    base = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(OptionError, match="unknown option.s. eta for minimizer sam; its options: rho"):
+        create_minimizer("sam", base, net, rho=0.1, eta=0.1)
+    with pytest.raises(OptionError, match="unknown option.s. rho for the base optimizer alone"):
+        create_minimizer("sgd", base, net, rho=0.1)
+    with pytest.raises(OptionError, match="bn_second_pass"):  # the engine's switches are one typed value (Switches)
+        create_minimizer("sam", base, net, bn_second_pass="freeze")
 
 
 class RecordsDraws(nn.Module):
@@ -253,7 +266,7 @@ class RecordsDraws(nn.Module):
 def test_second_pass_randomness(cls, mode):
     torch.manual_seed(0)
     net = RecordsDraws()
-    opt = cls(torch.optim.SGD(net.parameters(), lr=0.1), net, rho=0.5, second_pass_rng=mode)
+    opt = cls(torch.optim.SGD(net.parameters(), lr=0.1), net, rho=0.5, switches=Switches(second_pass_rng=mode))
     x = torch.randn(5, 4)
 
     def closure():
@@ -267,7 +280,7 @@ def test_second_pass_randomness(cls, mode):
     assert torch.equal(first, second) is (mode == "reuse")
     assert not torch.equal(first, third)  # the next step always draws anew
     with pytest.raises(ValueError):
-        cls(torch.optim.SGD(net.parameters(), lr=0.1), net, second_pass_rng="same")
+        cls(torch.optim.SGD(net.parameters(), lr=0.1), net, switches=Switches(second_pass_rng="same"))
 
 
 def test_unknown_minimizer_name_is_refused_with_the_valid_ones():
@@ -276,10 +289,10 @@ def test_unknown_minimizer_name_is_refused_with_the_valid_ones():
     base = torch.optim.SGD(net.parameters(), lr=0.1)
     for name in ("sma", "SAM", ""):
         with pytest.raises(UserError) as e:
-            create_minimizer(name, base, net, rho=0.1)
+            create_minimizer(name, base, net)
         msg = str(e.value)
         assert "\n" not in msg and repr(name) in msg and all(v in msg for v in ("sam", "asam", "sgd", "adam"))
-    assert type(create_minimizer("adam", base, net, rho=0.1)) is Minimizer  # a base optimizer alone
+    assert type(create_minimizer("adam", base, net)) is Minimizer  # a base optimizer alone
     with pytest.raises(UserError):
         create_minimizer("adam", base, net, base_names=("sgd",))
 

@@ -257,13 +257,13 @@ def test_every_model_trains_through_bench_run(name, tiny_cifar, tmp_path):
 def test_shakedrop_masks_across_sam_passes(mode):
     """The real ShakeDrop inside a PyramidNet under SAM: the second pass redraws its gates by default and
     replays the first pass's gates with second_pass_rng='reuse'."""
-    from bench.minimizers import SAM
+    from bench.minimizers import SAM, Switches
     torch.manual_seed(0)
     model = PyramidNet(20, 24, num_classes=10).train()
     gates = []
     last = model.blocks[-1].shake_drop  # p = 0.5: half the gates are random
     last.register_forward_hook(lambda mod, inp, out: gates.append((out / inp[0]).flatten(1)[:, 0].clone()))
-    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.01), model, rho=0.05, second_pass_rng=mode)
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.01), model, rho=0.05, switches=Switches(second_pass_rng=mode))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
 
     def closure():

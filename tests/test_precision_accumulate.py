@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bench.train.batch import Batch, Cost
-from bench.minimizers import SAM, LossScaler, Minimizer, create_minimizer
+from bench.minimizers import SAM, LossScaler, Minimizer, create_minimizer, Switches
 from bench.recipes import make_config
 from bench.train.runner import execute
 
@@ -45,7 +45,7 @@ def test_one_pass_scaling_matches_torch_gradscaler_with_planted_overflows():
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     gs = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
     scaler = LossScaler(init_scale=2.0 ** 10, interval=3)
-    mz = Minimizer(torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9), ours, scaler=scaler)
+    mz = Minimizer(torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9), ours, switches=Switches(scaler=scaler))
     overflow = {2, 6}
     calls = [0]
     for step in range(1, 10):
@@ -64,7 +64,7 @@ def test_one_pass_scaling_matches_torch_gradscaler_with_planted_overflows():
 # -- two passes -------------------------------------------------------------------------------------------
 
 def sam_steps(model, x, y, scaler=None, steps=3, loss_fn=nn.functional.cross_entropy, **kw):
-    mz = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.1, scaler=scaler)
+    mz = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.1, switches=Switches(scaler=scaler))
     for _ in range(steps):
         mz.step(batch_of(model, x, y, scaler=scaler, loss_fn=loss_fn, **kw))
     return mz
@@ -90,7 +90,7 @@ def test_overflow_in_either_pass_skips_the_step(which):
     scaler = LossScaler(init_scale=2.0 ** 8)
     calls = [0]
     cost = Cost()
-    mz = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1, scaler=scaler)
+    mz = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1, switches=Switches(scaler=scaler))
     mz.step(batch_of(model, x, y, cost=cost, scaler=scaler, loss_fn=blow_up({1 if which == "first" else 2}, calls)))
     assert scaler.skipped == 1 and scaler.scale == 2.0 ** 7
     assert all(p.grad is None for p in model.parameters())
@@ -136,7 +136,8 @@ def test_accumulation_equals_the_whole_batch(name, k):
     x, y = data(n=16, dtype=torch.float64)
     whole, acc = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
     for model, micro in ((whole, 1), (acc, k)):
-        mz = create_minimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=0.2)
+        mz = create_minimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+                              **({} if name == "sgd" else {"rho": 0.2}))
         for _ in range(3):
             mz.step(batch_of(model, x, y, micro=micro))
     for p, q in zip(whole.parameters(), acc.parameters()):

@@ -10,11 +10,11 @@ from bench.store.provenance import git_commit, provenance
 
 
 def test_run_id_hashes_identity_not_location():
-    a = RunConfig(task="cifar10", model="resnet20", minimizer="sam", rho=0.05)
-    assert a.run_id == RunConfig(task="cifar10", model="resnet20", minimizer="sam", rho=0.05,
+    a = RunConfig.of(task="cifar10", model="resnet20", minimizer="sam", rho=0.05)
+    assert a.run_id == RunConfig.of(task="cifar10", model="resnet20", minimizer="sam", rho=0.05,
                                  device="cuda", workers=8, results_dir="elsewhere", data_dir="/d").run_id
-    assert a.run_id != RunConfig(task="cifar10", model="resnet20", minimizer="sam", rho=0.1).run_id
-    assert a.run_id != RunConfig(task="cifar10", model="resnet20", minimizer="sam", rho=0.05, seed=1).run_id
+    assert a.run_id != RunConfig.of(task="cifar10", model="resnet20", minimizer="sam", rho=0.1).run_id
+    assert a.run_id != RunConfig.of(task="cifar10", model="resnet20", minimizer="sam", rho=0.05, seed=1).run_id
     assert a.run_id.startswith("cifar10-resnet20-sam-s0-")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from bench.train import checkpoint as ckpt
 from bench.train.state import flush, resume, save, setup
-from bench.minimizers import SAM
+from bench.minimizers import SAM, Switches
 from bench.recipes import make_config
 from bench.registry import get_task
 
@@ -91,6 +91,6 @@ def test_sam_second_pass_rng_reuse_touches_its_models_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was taken"))
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
-    opt = SAM(torch.optim.SGD(net.parameters(), lr=0.1), net, rho=0.05, second_pass_rng="reuse")
+    opt = SAM(torch.optim.SGD(net.parameters(), lr=0.1), net, rho=0.05, switches=Switches(second_pass_rng="reuse"))
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
     opt.step(lambda: torch.nn.functional.cross_entropy(net(x), y).backward())

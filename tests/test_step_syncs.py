@@ -18,7 +18,7 @@ from bench.minimizers import MINIMIZERS
 from bench.recipes import make_config
 from bench.train.step import loop_step
 from bench.task import Job
-from tasks.cifar import make_loss
+from tasks.images import make_loss
 
 META = torch.device("meta")
 BATCH = 16

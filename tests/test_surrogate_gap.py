@@ -13,7 +13,7 @@ from bench.config import RunConfig
 from bench.data import TensorLoader, set_epoch
 from bench.train.runtime import make_base_optimizer
 from bench.train.loop import train
-from bench.minimizers import SAM, LossScaler
+from bench.minimizers import SAM, LossScaler, Switches
 from bench.recipes import make_config
 from bench.train.runner import execute
 from bench.task import Job
@@ -29,7 +29,7 @@ def _one_thread(one_thread):
 def tiny_cfg(**kw) -> RunConfig:
     values = dict(task="tiny", model="mlp", minimizer="sam", rho=0.2, epochs=1, batch_size=8, lr=0.05,
                   weight_decay=0.0, schedule="cosine", world_size=1, device="cpu", workers=0)
-    return RunConfig(**{**values, **kw})
+    return RunConfig.of(**{**values, **kw})
 
 
 def tiny_job(loss_fn=nn.functional.cross_entropy) -> Job:
@@ -151,7 +151,7 @@ def test_an_fp16_step_abandoned_before_its_second_pass_has_no_gap():
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
     scaler = LossScaler(init_scale=2.0 ** 8)
-    mz = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1, scaler=scaler)
+    mz = SAM(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.1, switches=Switches(scaler=scaler))
     calls = [0]
 
     def blow_up_first(out, y):

@@ -47,7 +47,7 @@ def no_network(monkeypatch, tmp_path):
 
 
 def cfg(**kw) -> RunConfig:
-    return RunConfig(task="demo", model="mlp", minimizer="sam", rho=0.05, epochs=3, **kw)
+    return RunConfig.of(task="demo", model="mlp", minimizer="sam", rho=0.05, epochs=3, **kw)
 
 
 # ------------------------------------------------------------------------------------------------- fakes

@@ -9,7 +9,7 @@ from torch import nn
 
 from bench.train.batch import Batch, Cost
 from bench.errors import UserError
-from bench.minimizers import ASAM, create_minimizer
+from bench.minimizers import ASAM, create_minimizer, Switches
 from bench.minimizers.esam import ESAM, selection_size, sharpest, swp_mask
 from bench.minimizers.sam_adaptive_all import SAMAdaptiveAll
 from bench.minimizers.samon import SAMON, norm_parameters
@@ -151,7 +151,7 @@ def test_esam_under_the_loss_scaler_is_the_same_step():
     x, y = data()
     nets = [mlp(), mlp()]
     for net, scaler in zip(nets, (None, LossScaler(init_scale=2.0 ** 12))):
-        opt = create_minimizer("esam", base(net), net, rho=0.5, scaler=scaler)
+        opt = create_minimizer("esam", base(net), net, rho=0.5, switches=Switches(scaler=scaler))
         torch.manual_seed(3)
         for _ in range(2):
             opt.step(Batch(net, net, x, y, F.cross_entropy, cost=Cost(), scaler=scaler))
@@ -204,7 +204,7 @@ def test_esam_probe_in_train_mode_and_bn_freeze():
     for mode, tracked in (("update", 3), ("freeze", 1)):    # first pass, probe, second pass
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).double()
-        ESAM(base(net), net, bn_second_pass=mode).step(Batch(net, net, x, y, F.cross_entropy, cost=Cost()))
+        ESAM(base(net), net, switches=Switches(bn_second_pass=mode)).step(Batch(net, net, x, y, F.cross_entropy, cost=Cost()))
         assert net[1].num_batches_tracked.item() == tracked
 
 
@@ -212,7 +212,7 @@ def test_esam_refuses_what_it_cannot_do():
     net = mlp()
     x, y = data()
     with pytest.raises(ValueError, match="reuse"):
-        create_minimizer("esam", base(net), net, second_pass_rng="reuse")
+        create_minimizer("esam", base(net), net, switches=Switches(second_pass_rng="reuse"))
     with pytest.raises(TypeError, match="engine's batch"):  # a plain closure has no per-example losses
         ESAM(base(net), net).step(closure_for(net, x, y))
     assert not ESAM.supports_chunks
@@ -321,12 +321,11 @@ def test_option_ranges_refused(name, kw):
 
 @pytest.mark.parametrize("name", ["esam", "samon", "sam_adaptive_all"])
 def test_engine_arguments_reach_the_minimizer(name):
-    """create_minimizer passes only what a constructor's signature names: the SAM switches, clipping and the
-    fp16 scaler must not be dropped on the way."""
+    """The SAM switches, clipping and the fp16 scaler reach every minimizer as one Switches value."""
     from bench.minimizers import LossScaler
     net, scaler = norm_net(), LossScaler()
-    opt = create_minimizer(name, base(net), net, rho=0.2, eta=0.01, bn_second_pass="freeze", clip_norm=1.5,
-                           scaler=scaler)
+    switches = Switches(bn_second_pass="freeze", clip_norm=1.5, scaler=scaler)
+    opt = create_minimizer(name, base(net), net, switches, rho=0.2)
     assert (opt.bn_second_pass, opt.clip_norm, opt.scaler, opt.rho) == ("freeze", 1.5, scaler, 0.2)
 
 

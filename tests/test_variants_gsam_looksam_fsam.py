@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.train.batch import Batch, Cost
-from bench.minimizers import MINIMIZERS, SAM, LossScaler, create_minimizer
+from bench.minimizers import MINIMIZERS, SAM, LossScaler, create_minimizer, Switches
 from bench.minimizers.fsam import FSAM
 from bench.minimizers.gsam import GSAM
 from bench.minimizers.looksam import LookSAM
@@ -241,7 +241,8 @@ def test_fp16_overflow_skips_the_step_and_keeps_no_inf(name, bad_pass, kinds):
         return loss * float("inf") if len(calls) == bad_pass else loss
 
     scaler, cost, seen = LossScaler(), Cost(), []
-    opt = create_minimizer(name, torch.optim.SGD(net.parameters(), lr=0.1), net, k=3, scaler=scaler)
+    opt = create_minimizer(name, torch.optim.SGD(net.parameters(), lr=0.1), net, Switches(scaler=scaler),
+                           **({"k": 3} if name == "looksam" else {}))
     before = weights(net)
     opt.step(LoggedBatch(net, net, x, y, loss_fn, cost=cost, scaler=scaler, kinds=seen))
     assert scaler.skipped == 1 and all(torch.equal(p, w) for p, w in zip(net.parameters(), before))
@@ -277,7 +278,7 @@ def test_defaults_and_names():
     assert create_minimizer("gsam", base, net).hparams() == {
         "clip_norm": 0.0, "rho": 0.04, "rho_min": 0.02, "alpha": 0.01, "lr_min": 0.0,
         "bn_second_pass": "update", "second_pass_rng": "fresh"}
-    g = create_minimizer("gsam", base, net, rho=0.1, eta=0.3)  # eta, for ASAM, is dropped
+    g = create_minimizer("gsam", base, net, rho=0.1)
     assert (type(g), g.rho, g.rho_min, g.alpha, g.lr_min) == (GSAM, 0.1, 0.02, 0.01, 0.0)
     ls = create_minimizer("looksam", base, net)
     assert (type(ls), ls.rho, ls.k, ls.alpha) == (LookSAM, 0.05, 5, 0.7)
@@ -323,7 +324,7 @@ def test_frozen_and_unused_parameters_untouched(name):
     net[0].weight.requires_grad_(False)
     frozen, unused = net[0].weight.detach().clone(), net.unused.detach().clone()
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = create_minimizer(name, torch.optim.SGD(params, lr=0.1, momentum=0.9), net, rho=0.3, k=2)
+    opt = create_minimizer(name, torch.optim.SGD(params, lr=0.1, momentum=0.9), net, rho=0.3, **({"k": 2} if name == "looksam" else {}))
     before = net[2].weight.detach().clone()
     for _ in range(4):
         opt.step(closure_for(net))

@@ -10,7 +10,7 @@ import typer
 from bench.cli.console import console, user_errors
 from bench.errors import UserError
 from bench.minimizers import MINIMIZERS
-from bench.minimizers.base import describe_range
+from bench.options import describe_range
 from bench.registry import get_task, task_names
 
 RECIPE_KEYS = ("optimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "schedule")
@@ -21,11 +21,23 @@ def task_lines(name: str) -> list[str]:
     recipe = task.recipe()
     opts = "; ".join(f"{m} " + " ".join(f"{k}={v}" for k, v in sorted(o.items(), key=lambda kv: kv[0] != "rho"))
                      for m, o in recipe.get("minimizers", {}).items())
-    keys = (*RECIPE_KEYS, *task.settings)
-    return [f"[bold]{name}[/]: {task.description}",
-            f"  models:     {', '.join(task.models())} (default {recipe.get('model')})",
-            f"  minimizers: {', '.join(task.minimizers())}" + (f" (recipe: {opts})" if opts else ""),
-            "  recipe:     " + ", ".join(f"{k}={recipe[k]}" for k in keys if k in recipe)]
+    lines = [f"[bold]{name}[/]: {task.description}",
+             f"  models:     {', '.join(task.models())} (default {recipe.get('model')})",
+             f"  minimizers: {', '.join(task.minimizers())}" + (f" (recipe: {opts})" if opts else ""),
+             "  recipe:     " + ", ".join(f"{k}={recipe[k]}" for k in RECIPE_KEYS if k in recipe)]
+    if fields(task.Options):
+        lines.append("  options (--topt KEY=VALUE; the recipe's value, else the default):")
+        lines += option_lines(task.Options, recipe)
+    return lines
+
+
+def option_lines(cls: type, values: dict | None = None) -> list[str]:
+    """One line per declared option: name=value, its range, its meaning."""
+    out = []
+    for f in fields(cls):
+        setting = f"{f.name}={(values or {}).get(f.name, f.default)!r}"
+        out.append(f"    {setting:<20} {describe_range(f)}: {f.metadata.get('help', '')}")
+    return out
 
 
 def minimizer_lines() -> list[str]:
@@ -33,9 +45,7 @@ def minimizer_lines() -> list[str]:
              "\\[minimizers.<name>] in a recipe)"]
     for name, cls in MINIMIZERS.items():
         lines.append(f"  [bold]{name}[/]  {cls.passes:g} passes/step nominal; {cls.citation}")
-        for f in fields(cls.Hparams):
-            setting = f"{f.name}={f.default!r}"
-            lines.append(f"    {setting:<20} {describe_range(f)}: {f.metadata.get('help', '')}")
+        lines += option_lines(cls.Hparams)
     return lines
 
 

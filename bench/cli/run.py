@@ -66,6 +66,9 @@ def run_cmd(
     mopt: Annotated[Optional[list[str]], typer.Option(
         "--mopt", help="A minimizer option KEY=VALUE (repeatable), e.g. --mopt alpha=0.02; `bench list` shows "
                        "every minimizer's options, defaults and ranges.")] = None,
+    topt: Annotated[Optional[list[str]], typer.Option(
+        "--topt", help="A task option KEY=VALUE (repeatable), e.g. --topt noise=0.4; `bench list` shows every task's "
+                       "options (--noise, --noise-seed, --augment, --dropout are shorthands).")] = None,
     rho: Annotated[Optional[float], typer.Option(help="Radius (--mopt rho=...); default: the paper's for this "
                                                       "task.")] = None,
     eta: Annotated[Optional[float], typer.Option(help="ASAM's eta (T = |w| + eta; --mopt eta=...).")] = None,
@@ -154,8 +157,9 @@ def run_cmd(
 
     with user_errors():
         settings = _run_settings(ctx, config)
-        if mopt:
-            settings["mopts"] = {**(settings.get("mopts") or {}), **parse_mopts(mopt)}
+        for flag, key, items in (("--mopt", "mopts", mopt), ("--topt", "topts", topt)):
+            if items:
+                settings[key] = {**(settings.get(key) or {}), **parse_options(items, flag)}
         if settings["minimizer"] is None:
             settings["minimizer"] = get_task(task).base_optimizer
         if settings["workers"] is None:
@@ -172,7 +176,7 @@ def run_cmd(
         cfg = make_config(task, **settings)
         quiet = quiet or not D.is_main()
         if not quiet:
-            extra = "".join(f" {k}={v}" for k, v in cfg.mopts.items())
+            extra = "".join(f" {k}={v}" for k, v in {**cfg.spelled()["mopts"], **cfg.topts}.items())
             console.print(f"[bold]{cfg.run_id}[/]  {cfg.task} {cfg.model} {cfg.minimizer} rho={cfg.rho} "
                           f"eta={cfg.eta}{extra} epochs={cfg.epochs} batch={cfg.batch_size} lr={cfg.lr} "
                           f"seed={cfg.seed}", highlight=False)
@@ -202,16 +206,16 @@ def run_cmd(
             print_rows([row])
 
 
-def parse_mopts(items: list[str]) -> dict[str, Any]:
+def parse_options(items: list[str], flag: str = "--mopt") -> dict[str, Any]:
     """["alpha=0.02", "k=5", "adaptive=true"] -> {"alpha": 0.02, "k": 5, "adaptive": True}: values read as
-    TOML scalars (numbers, true/false), anything else as text."""
+    TOML scalars (numbers, true/false), anything else as text (--mopt, --topt)."""
     import tomllib
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise UserError(f"--mopt takes KEY=VALUE, e.g. --mopt alpha=0.02; got {item!r}")
+            raise UserError(f"{flag} takes KEY=VALUE, e.g. {flag} alpha=0.02; got {item!r}")
         try:
             out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
         except tomllib.TOMLDecodeError:

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 
 from bench.minimizers.asam import ASAM  # noqa: F401
-from bench.minimizers.base import Minimizer, OptionError, Pass, as_batch, global_norm, make_hparams  # noqa: F401
+from bench.minimizers.base import Minimizer, Pass, Switches, as_batch, global_norm  # noqa: F401
 from bench.minimizers.registry import (  # noqa: F401
     BASE_NAMES,
     MINIMIZERS,
@@ -22,6 +22,7 @@ from bench.minimizers.registry import (  # noqa: F401
 )
 from bench.minimizers.sam import SAM  # noqa: F401
 from bench.minimizers.scaler import LossScaler  # noqa: F401
+from bench.options import OptionError, make_options  # noqa: F401
 
 _SUPPORT = {"base", "registry", "scaler", "sam", "asam"}
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):

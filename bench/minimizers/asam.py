@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.minimizers.base import global_norm, option
+from bench.minimizers.base import global_norm
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
+from bench.options import option
 
 
 @dataclass(frozen=True)

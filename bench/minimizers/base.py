@@ -22,27 +22,22 @@ unperturbed pass: the training metrics come from it. Plain zero-argument callabl
 forward + backward) are accepted too and wrapped by `as_batch`; they support full-batch passes only.
 
 Hyperparameters: each minimizer declares a frozen dataclass `Hparams` whose fields carry their default,
-range and meaning (`option(...)`); `bench list`, the CLI's `--mopt` and the recipes' `[minimizers.<name>]`
-tables all read it.
+range and meaning (`bench.options.option`); `bench list`, the CLI's `--mopt` and the recipes'
+`[minimizers.<name>]` tables all read it. How the engine runs the passes (BatchNorm in the second pass, its
+randomness, clipping, the fp16 scaler) reaches every minimizer as one `Switches` value.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from bench.errors import UserError
 from bench.minimizers.scaler import LossScaler
+from bench.options import make_options
 
 KINDS = ("ascent", "descent", "plain")
-
-
-class OptionError(UserError, ValueError):
-    """A minimizer option outside its range, or unknown: one line for the CLI, a ValueError for callers."""
 
 
 class Pass(NamedTuple):
@@ -51,60 +46,33 @@ class Pass(NamedTuple):
     per_sample: torch.Tensor | None = None  # each example's loss (detached), when asked
 
 
-def option(default, help: str, *, ge=None, gt=None, le=None, lt=None, integer: bool = False,
-           choices: tuple | None = None):
-    """A hyperparameter field: its default, one line of meaning, and its valid range."""
-    return field(default=default, metadata={"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt,
-                                            "integer": integer, "choices": choices})
-
-
-def describe_range(f: dataclasses.Field) -> str:
-    m = f.metadata
-    if isinstance(f.default, bool):
-        return "true or false"
-    if m.get("choices"):
-        return "one of " + ", ".join(map(str, m["choices"]))
-    lo = f"[{m['ge']}" if m.get("ge") is not None else f"({m['gt']}" if m.get("gt") is not None else "(-inf"
-    hi = f"{m['le']}]" if m.get("le") is not None else f"{m['lt']})" if m.get("lt") is not None else "inf)"
-    return ("an integer in " if m.get("integer") else "in ") + f"{lo}, {hi}"
-
-
-def check_value(name: str, f: dataclasses.Field, value) -> Any:
-    """The value converted to the field's type, or a UserError that names the range."""
-    m, default = f.metadata, f.default
-    bad = OptionError(f"minimizer {name}: {f.name}={value!r} must be {describe_range(f)} ({m.get('help', '')})")
-    if m.get("choices"):
-        if value not in m["choices"]:
-            raise bad
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise OptionError(f"minimizer {name}: {f.name}={value!r} must be true or false")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad
-    if m.get("integer") and float(value) != int(value):
-        raise bad
-    value = int(value) if m.get("integer") else float(value)
-    if ((m.get("ge") is not None and not value >= m["ge"]) or (m.get("gt") is not None and not value > m["gt"])
-            or (m.get("le") is not None and not value <= m["le"]) or (m.get("lt") is not None and not value < m["lt"])):
-        raise bad
-    return value
-
-
-def make_hparams(name: str, cls: type, values: dict[str, Any]):
-    """cls(**values) with every value checked; an unknown key is refused with the valid list."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        valid = ", ".join(known) or "none"
-        raise OptionError(f"unknown option(s) {', '.join(unknown)} for minimizer {name}; its options: {valid}")
-    return cls(**{k: check_value(name, known[k], v) for k, v in values.items()})
-
-
 @dataclass(frozen=True)
 class NoHparams:
     """The base optimizer alone has no minimizer options."""
+
+
+BN_SECOND_PASS = ("update", "freeze")
+SECOND_PASS_RNG = ("fresh", "reuse")
+
+
+@dataclass(frozen=True)
+class Switches:
+    """How the engine has a minimizer run its passes, apart from what the minimizer computes (its options): the
+    run's BatchNorm statistics in the second pass, the second pass's randomness, gradient clipping, and the fp16
+    loss scaler. One typed value from the RunConfig to the minimizer (SAM's and the variants' read what they
+    need; the base optimizer alone uses clip_norm and scaler)."""
+    bn_second_pass: str = "update"   # update (official) | freeze: BatchNorm statistics of the first pass only
+    second_pass_rng: str = "fresh"   # fresh (official) | reuse: dropout/ShakeDrop masks of pass 1 in pass 2
+    clip_norm: float = 0.0           # clip the update's gradient to this global norm (0: off)
+    scaler: LossScaler | None = None  # fp16's loss scaler
+
+    def __post_init__(self):
+        if self.bn_second_pass not in BN_SECOND_PASS:
+            raise ValueError(f"bn_second_pass must be one of {BN_SECOND_PASS}, got {self.bn_second_pass!r}")
+        if self.second_pass_rng not in SECOND_PASS_RNG:
+            raise ValueError(f"second_pass_rng must be one of {SECOND_PASS_RNG}, got {self.second_pass_rng!r}")
+        if not self.clip_norm >= 0:
+            raise ValueError(f"clip_norm must be >= 0, got {self.clip_norm}")
 
 
 class CallableBatch:
@@ -137,15 +105,15 @@ class Minimizer:
     supports_chunks = False  # step_chunks (m-sharpness, --m) is available
     citation = ""
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, clip_norm: float = 0.0,
-                 scaler: LossScaler | None = None, **options):
-        if not clip_norm >= 0:
-            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
+                 **options):
         self.base_optimizer = base_optimizer
         self.model = model
-        self.clip_norm = float(clip_norm)  # 0: no clipping; else the update's gradient norm is clipped
-        self.scaler = scaler
-        self.hp = make_hparams(type(self).__name__, self.Hparams, options)
+        self.switches = switches or Switches()
+        self.clip_norm = float(self.switches.clip_norm)  # 0: no clipping; else the update's gradient norm is clipped
+        self.scaler = self.switches.scaler
+        owner = f"minimizer {type(self).name}" if hasattr(type(self), "name") else "the base optimizer alone"
+        self.hp = make_options(owner, self.Hparams, options)  # an option it does not have is refused, never dropped
         for f in fields(self.hp):  # the live values (checkpointed in hparams())
             setattr(self, f.name, getattr(self.hp, f.name))
 

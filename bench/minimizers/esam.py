@@ -63,9 +63,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.minimizers.base import OptionError, as_batch, global_norm, option
+from bench.minimizers.base import Switches, as_batch, global_norm
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
+from bench.options import OptionError, option
 
 EPS = 1e-7  # added to the norm of the masked gradient, as in the official code
 
@@ -108,8 +109,9 @@ class ESAM(SAM):
     supports_chunks = False
     citation = "Du et al., ICLR 2022 (arXiv 2110.03141); code: dydjw9/Efficient_SAM"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
-        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
+                 **options):
+        super().__init__(base_optimizer, model, switches, **options)
         if self.second_pass_rng != "fresh":
             raise OptionError("minimizer esam: second_pass_rng='reuse' is not supported (its second pass runs a "
                               "subset of the batch, so the first pass's dropout masks cannot be replayed)")

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.minimizers.base import global_norm, option
+from bench.minimizers.base import Switches, global_norm
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
+from bench.options import option
 
 PERTURB_EPS = 1e-12  # added to ||d||, as the official code
 
@@ -67,8 +68,9 @@ class FSAM(SAM):
     eps = PERTURB_EPS
     citation = "Li et al., CVPR 2024 (arXiv 2403.12350); code: nblt/F-SAM"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
-        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
+                 **options):
+        super().__init__(base_optimizer, model, switches, **options)
         self._m: dict[torch.Tensor, torch.Tensor] = {}  # the EMA of first gradients, by parameter
 
     def _scaled_grads(self, names, params):

@@ -52,9 +52,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.minimizers.base import OptionError, dot, global_norm, option
+from bench.minimizers.base import Switches, dot, global_norm
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
+from bench.options import OptionError, option
 
 PERTURB_EPS = 1e-12  # the official `perturb_eps` (PyTorch and JAX code alike)
 
@@ -92,8 +93,9 @@ class GSAM(SAM):
     eps = PERTURB_EPS
     citation = "Zhuang et al., ICLR 2022 (arXiv 2203.08065); code: juntang-zhuang/GSAM, google-research/big_vision"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
-        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
+                 **options):
+        super().__init__(base_optimizer, model, switches, **options)
         self._lr0 = float(base_optimizer.param_groups[0]["lr"])  # lr_max when no scheduler sets "initial_lr"
         if self.lr_min > self._lr0:
             raise OptionError(f"minimizer GSAM: lr_min={self.lr_min!r} is above the learning rate {self._lr0!r}; "

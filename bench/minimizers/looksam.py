@@ -40,9 +40,10 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from bench.minimizers.base import as_batch, dot, global_norm, option
+from bench.minimizers.base import Switches, as_batch, dot, global_norm
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
+from bench.options import option
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ class LookSAM(SAM):
     supports_chunks = False
     citation = "Liu et al., CVPR 2022 (arXiv 2203.02714); no official code (from the paper's Algorithm 1)"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
-        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
+                 **options):
+        super().__init__(base_optimizer, model, switches, **options)
         self._t = 0                                  # steps taken (step() calls)
         self._gv: dict[str, torch.Tensor] = {}       # g_v by parameter name; empty until the first SAM step
         self._clean: list[torch.Tensor] = []         # g of the running SAM step

@@ -2,7 +2,6 @@
 is one new file in this package (imported by bench/minimizers/__init__.py) or in a plugin package."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 
 import torch
@@ -40,19 +39,10 @@ def option_names(name: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(minimizer_class(name, (name,)).Hparams))
 
 
-def create_minimizer(name: str, base_optimizer: torch.optim.Optimizer, model: nn.Module, *,
-                     base_names: tuple[str, ...] = BASE_NAMES, **hparams):
-    """Build a minimizer by name. Keyword arguments its constructor or its Hparams do not take are dropped
-    (the engine passes rho/eta and the SAM switches to every minimizer); the options themselves are
-    checked against the minimizer's ranges.
-
-    A name in `base_names` (a task's base optimizer: "sgd", "adam") means the base optimizer alone; any
-    other name must be registered: a typo must not silently train without SAM."""
-    cls = minimizer_class(name, base_names)
-    # every named argument of the __init__s along the class's MRO: a subclass written with **kwargs still
-    # receives what its parents take (bn_second_pass, clip_norm, the fp16 scaler)
-    accepted = {f.name for f in fields(cls.Hparams)}
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            accepted |= set(inspect.signature(klass.__init__).parameters)
-    return cls(base_optimizer, model, **{k: v for k, v in hparams.items() if k in accepted})
+def create_minimizer(name: str, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches=None, *,
+                     base_names: tuple[str, ...] = BASE_NAMES, **options):
+    """Build a minimizer by name with its options (checked against its ranges: one it does not have is refused)
+    and the engine's `Switches`. A name in `base_names` (a task's base optimizer: "sgd", "adam") means the base
+    optimizer alone, which has no options; any other name must be registered: a typo must not silently train
+    without SAM."""
+    return minimizer_class(name, base_names)(base_optimizer, model, switches, **options)

@@ -25,11 +25,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from bench.minimizers.base import Minimizer, as_batch, global_norm, option
+from bench.minimizers.base import Minimizer, Switches, as_batch, global_norm
 from bench.minimizers.registry import register_minimizer
+from bench.options import option
 
-BN_SECOND_PASS = ("update", "freeze")
-SECOND_PASS_RNG = ("fresh", "reuse")
 EPS = 1e-16  # added to the norm, as in the official code
 
 
@@ -50,15 +49,11 @@ class SAM(Minimizer):
     eps = EPS  # added to the perturbation's norm; a subclass following another official code sets its own
     citation = "Foret et al., ICLR 2021 (arXiv 2010.01412); code: google-research/sam"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, bn_second_pass: str = "update",
-                 second_pass_rng: str = "fresh", clip_norm: float = 0.0, scaler=None, **options):
-        super().__init__(base_optimizer, model, clip_norm=clip_norm, scaler=scaler, **options)
-        if bn_second_pass not in BN_SECOND_PASS:
-            raise ValueError(f"bn_second_pass must be one of {BN_SECOND_PASS}, got {bn_second_pass!r}")
-        if second_pass_rng not in SECOND_PASS_RNG:
-            raise ValueError(f"second_pass_rng must be one of {SECOND_PASS_RNG}, got {second_pass_rng!r}")
-        self.bn_second_pass = bn_second_pass
-        self.second_pass_rng = second_pass_rng
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
+                 **options):
+        super().__init__(base_optimizer, model, switches, **options)
+        self.bn_second_pass = self.switches.bn_second_pass
+        self.second_pass_rng = self.switches.second_pass_rng
         self._perturbed: list[torch.Tensor] = []  # parameters moved by the last ascent
         self._backup: dict[torch.Tensor, torch.Tensor] = {}  # their unperturbed values (persistent buffers)
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.minimizers.asam import scale_by_weights
-from bench.minimizers.base import option
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
+from bench.options import option
 
 EPS = 1e-12  # added to the norm, as davda54/sam and pytorch-optimizer's default perturb_eps
 

@@ -40,9 +40,10 @@ from torch import nn
 
 from bench.errors import UserError
 from bench.minimizers.asam import scale_by_weights
-from bench.minimizers.base import option
+from bench.minimizers.base import Switches
 from bench.minimizers.registry import register_minimizer
 from bench.minimizers.sam import SAM
+from bench.options import option
 
 NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -80,8 +81,9 @@ class SAMON(SAM):
     Hparams = SAMONHparams
     citation = "Mueller et al., NeurIPS 2023 (arXiv 2306.04226); code: mueller-mp/SAM-ON"
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs):
-        super().__init__(base_optimizer, model, **kwargs)  # SAM's switches, clip_norm, scaler and the options
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
+                 **options):
+        super().__init__(base_optimizer, model, switches, **options)
         self._norm, self._norm_weights = norm_parameters(model)
         if not self._norm:
             raise UserError("minimizer samon: this model has no normalisation layer with parameters (BatchNorm, "

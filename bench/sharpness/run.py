@@ -112,7 +112,7 @@ def load_run(results_dir: str | Path, run_id: str) -> LoadedRun:
                         f"with --keep-weights (`bench run {record.get('task')} ... --keep-weights --force` with its "
                         "settings), or sweep a table that measures sharpness (its runs keep their weights)")
     values = state.get("config") or {k: record[k] for k in FIELD_NAMES if k in record}  # a checkpoint has no config
-    cfg = RunConfig(**{k: v for k, v in values.items() if k in FIELD_NAMES})
+    cfg = RunConfig.of(**{k: v for k, v in values.items() if k in FIELD_NAMES})
     return LoadedRun(record, cfg, state["model"])
 
 

@@ -21,11 +21,10 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from filelock import FileLock
 
-from bench import distributed as D
 from bench.errors import UserError
 from bench.store.files import atomic_write
 from bench.store.records import run_folder
@@ -186,14 +185,16 @@ class Heartbeat:
 
 
 @contextlib.contextmanager
-def claimed_by_me(results_dir: str | Path, run_id: str, log=lambda msg: None) -> Iterator[None]:
-    """Hold the claim on `run_id` while the block runs (rank 0 holds it for all ranks under torchrun).
-    A process a sweeper started for this run (ENV names the run and the sweeper's token) runs under the
-    sweeper's claim. A run that a live process holds is refused with one line."""
+def claimed_by_me(results_dir: str | Path, run_id: str, log=lambda msg: None, main: bool = True,
+                  share: Callable[[str], str] = lambda refusal: refusal) -> Iterator[None]:
+    """Hold the claim on `run_id` while the block runs. Under torchrun the `main` rank holds it for all, and
+    `share` hands its verdict to every rank (the runner passes the rank and its broadcast: the store knows no
+    process group). A process a sweeper started for this run (ENV names the run and the sweeper's token) runs
+    under the sweeper's claim. A run that a live process holds is refused with one line."""
     claims = Claims(results_dir)
     inherited = os.environ.get(ENV, "").split()
     claim, refusal = None, ""
-    if D.is_main():
+    if main:
         if inherited[:1] == [run_id] and len(inherited) == 2:
             if not claims.holds(run_id, inherited[1]):
                 refusal = f"the sweeper's claim on run {run_id} is gone (taken over); not training it twice"
@@ -204,7 +205,7 @@ def claimed_by_me(results_dir: str | Path, run_id: str, log=lambda msg: None) ->
                            f"{claims.path(run_id)}); wait for it, or delete that file if the process is gone")
             elif found is not None:
                 log(f"taking over run {run_id} from {found.where()} ({why}); it resumes from its checkpoint")
-    refusal = D.broadcast_object(refusal)
+    refusal = share(refusal)
     if refusal:
         raise ClaimHeld(refusal.removeprefix("held: "))
     if claim is None:

@@ -18,7 +18,7 @@ from bench.config import RunConfig
 
 def main(argv: list[str]) -> int:
     sharpness = json.loads(Path(argv[argv.index("--sharpness") + 1]).read_text()) if "--sharpness" in argv else None
-    return run_one(RunConfig(**json.loads(Path(argv[0]).read_text())), force="--force" in argv, sharpness=sharpness)
+    return run_one(RunConfig.of(**json.loads(Path(argv[0]).read_text())), force="--force" in argv, sharpness=sharpness)
 
 
 def measure(cfg: RunConfig, spec: dict, trained: bool) -> None:

@@ -190,7 +190,7 @@ class SlurmRun:
 
         from bench.sweep.child import run_one
         export_torch_env(submitit)
-        return run_one(RunConfig(**self.cfg), force=self.force)
+        return run_one(RunConfig.of(**self.cfg), force=self.force)
 
     def checkpoint(self, *args, **kwargs):
         """Preempted or out of time: requeue; the run resumes from its last epoch checkpoint and its claim

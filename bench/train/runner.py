@@ -81,7 +81,7 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, restart: bool =
     from bench.store.claims import claimed_by_me
 
     check_results_csv(results_csv(cfg))
-    with claimed_by_me(cfg.results_dir, cfg.run_id, log):
+    with claimed_by_me(cfg.results_dir, cfg.run_id, log, D.is_main(), D.broadcast_object):
         done = finished_record(cfg) if D.is_main() else None
         if D.broadcast_object(done is not None) and not force:
             rebuild_csv(cfg.results_dir, cfg.task)  # repairs a CSV a crash left one run behind

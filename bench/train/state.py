@@ -16,7 +16,7 @@ from torch import nn
 
 from bench import distributed as D
 from bench.config import RunConfig
-from bench.minimizers import LossScaler, Minimizer, create_minimizer
+from bench.minimizers import LossScaler, Minimizer, Switches, create_minimizer
 from bench.task import Job
 from bench.train import checkpoint as ckpt
 from bench.train.batch import Cost
@@ -63,9 +63,9 @@ def setup(cfg: RunConfig, job: Job, device: torch.device) -> TrainState:
     base = make_base_optimizer(cfg, model)
     if cfg.precision == "fp16":
         check_fp16(device)
-    minimizer = create_minimizer(cfg.minimizer, base, model, rho=cfg.rho, eta=cfg.eta, **cfg.mopts,
-                                 bn_second_pass=cfg.bn_second_pass, second_pass_rng=cfg.second_pass_rng,
-                                 clip_norm=cfg.clip_norm, scaler=LossScaler() if cfg.precision == "fp16" else None)
+    switches = Switches(bn_second_pass=cfg.bn_second_pass, second_pass_rng=cfg.second_pass_rng,
+                        clip_norm=cfg.clip_norm, scaler=LossScaler() if cfg.precision == "fp16" else None)
+    minimizer = create_minimizer(cfg.minimizer, base, model, switches, **cfg.mopts)
     scheduler, sched_unit = make_scheduler(cfg, base, loader_len(job.train_loader))
     return TrainState(cfg, job, device, model, net, base, minimizer, scheduler, sched_unit)
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.models import global_avg_pool, register_model
+from tasks.models.registry import global_avg_pool, register_model
 
 BlockFn = Callable[[int, int, int], nn.Module]   # (in_planes, planes, stride) -> block with .out_planes
 

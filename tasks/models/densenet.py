@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.models import global_avg_pool, register_model
+from tasks.models.registry import global_avg_pool, register_model
 
 
 class Bottleneck(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.models import global_avg_pool, register_model
+from tasks.models.registry import global_avg_pool, register_model
 
 
 class BlockA(nn.Module):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.models import register_model
 from tasks.models.cifar_resnet import CifarResNet, conv1x1, conv3x3
+from tasks.models.registry import register_model
 
 
 class Bottleneck(nn.Module):

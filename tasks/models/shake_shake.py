@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.models import global_avg_pool, register_model
 from tasks.models.cifar_resnet import init_official
+from tasks.models.registry import global_avg_pool, register_model
 
 
 class ShakeShakeFunction(torch.autograd.Function):

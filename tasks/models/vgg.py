@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tasks.models import register_model
+from tasks.models.registry import register_model
 
 # Configuration E of Simonyan & Zisserman 2015, Table 1: numbers are conv widths, "M" a 2x2 max-pool.
 _CFG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
