@@ -7,7 +7,7 @@ Without --homura it pip-installs homura-core==2021.3.1 with its declared depende
 colorlog: importing homura needs them) into a temporary directory. That directory goes at the *end* of
 sys.path, so torch, numpy and everything else still come from this environment.
 
-The fixture holds, so that tests/test_models_homura.py needs neither homura nor the network:
+The fixture holds, so that tests/task/test_models_homura.py needs neither homura nor the network:
 - `full`: for resnet20/32/56, wrn28_2, wrn28_10, resnext29_32x4d, homura's state_dict names and shapes,
   its parameter count, a fingerprint (float64 sum and sum of squares) of every tensor as built under
   torch.manual_seed(0), and its float64 outputs on `x` (train mode, then eval mode) from those weights;

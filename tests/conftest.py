@@ -19,3 +19,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def old_driver(monkeypatch):
+    """A node whose driver (525) is too old for this CUDA 13 wheel: torch sees no GPU and warns why."""
+    def unavailable():
+        import warnings
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 12000)")
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    from bench import gpu
+    monkeypatch.setattr(gpu, "driver_version", lambda: "525.105.17")

@@ -30,7 +30,7 @@ def report_cmd(
 
     from bench.registry import tables_file
     from bench.report.write import write_report
-    from bench.tables.plan import load_tables as load_plan_tables
+    from bench.tables.layout import load_tables as load_plan_tables
     from bench.tables.plan import planned_settings
 
     with user_errors():

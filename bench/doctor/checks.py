@@ -5,7 +5,7 @@ the results folder (run claims and CSV appends depend on them), SLURM and torchr
 
 It runs from a checkout without installing (`PYTHONPATH=. python3 -m bench doctor`) on a Python that has torch
 and maybe nothing else: optional packages are imported lazily and reported missing, and a check that breaks
-becomes a `fail` line, never a crash. Nothing here trains; `--full` (bench.doctor_full) does, on a GPU. Exit
+becomes a `fail` line, never a crash. Nothing here trains; `--full` (bench.doctor.full) does, on a GPU. Exit
 status 1 when a check failed, else 0; the same report goes to a markdown file (`--out`).
 """
 from __future__ import annotations

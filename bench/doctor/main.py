@@ -22,7 +22,7 @@ def check_folder_option(flag: str, value: str) -> Path:
 
 def run_doctor(data_dir: str, results_dir: str, out: str | None = None, *, full: bool = False,
                say: Callable[[str], None] = print, **tiny) -> int:
-    """Run every check (and with `full`, bench.doctor_full's GPU sequence; `tiny`: its device, model,
+    """Run every check (and with `full`, bench.doctor.full's GPU sequence; `tiny`: its device, model,
     batch_size, steps), print them as they come, write the markdown report; the exit status (1: a fail)."""
     data, results = check_folder_option("--data-dir", data_dir), check_folder_option("--results-dir", results_dir)
     out_path = Path(out) if out else results / "doctor.md"

@@ -11,7 +11,7 @@ with the bookkeeping per *pass* instead of per optimizer:
   pass marks the step;
 - a marked step is skipped (no base step) and the scale is multiplied by `backoff`; after `interval`
   unmarked steps in a row it is multiplied by `growth`: GradScaler's defaults and rules, so a one-pass step
-  scales exactly as GradScaler does (tests/test_precision_accumulate.py compares the two).
+  scales exactly as GradScaler does (tests/train/test_precision_accumulate.py compares the two).
 """
 from __future__ import annotations
 

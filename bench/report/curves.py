@@ -65,10 +65,15 @@ def plot_curves(results_dir: str | Path, results: pd.DataFrame, task: str, model
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_replace(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=120))
+    save_png(fig, Path(out_png), dpi=120)
     return True
 
 
 def plot_title(task: str, model: str, noise: float | None, synthetic: bool | None) -> str:
     return (f"{task} / {model}" + (f", noise {pct(noise)}" if noise else "")
             + (" (synthetic data)" if synthetic else ""))
+
+
+def save_png(fig, path: Path, dpi: int = 110) -> None:
+    """A figure as a PNG, written whole (a temporary file and an atomic rename)."""
+    atomic_replace(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

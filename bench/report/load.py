@@ -57,7 +57,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """Every `<results_dir>/<task>.csv` (bench.results.results_csvs), one row per run_id (a re-run wins)."""
+    """Every `<results_dir>/<task>.csv` (bench.store.records.results_csvs), one row per run_id (a re-run wins)."""
     folder = Path(results_dir)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; point to the folder holding the results CSVs")

@@ -2,7 +2,7 @@
 
 A pure function of files and plain data: it reads `<results>/*.csv`, the papers' published cells
 (results/paper/paper-cells.csv) and tasks/tables.toml, is handed the plans (per table and preset, the
-settings of every run `bench reproduce` would run, with its cell: `bench.sweep.plan.planned_settings`), and
+settings of every run `bench reproduce` would run, with its cell: `bench.tables.plan.planned_settings`), and
 writes markdown and PNGs. It trains nothing and imports no torch and no task, so it runs anywhere the CSVs are.
 
 Like beside like, because a reader takes a cell for "this recipe, over seeds":
@@ -14,7 +14,7 @@ Like beside like, because a reader takes a cell for "this recipe, over seeds":
   papers' figures and the difference to them stand only beside cells of the `full` preset (the papers'
   recipes) of a paper with published cells; a smoke or demo cell, or a table of no paper (variants), has
   nothing to be compared with.
-- Every table section ends with its equal-compute view (bench.report_compute): per cell, each minimizer
+- Every table section ends with its equal-compute view (bench.report.compute): per cell, each minimizer
   against the SGD run of its seed at SGD's compute, from the epoch logs; a PNG per cell beside the report.
 - Every other run is still shown, under "Other runs": one line per exact setting (its seeds averaged),
   saying in which settings it differs from the planned run of the same task/model/minimizer/noise, else
@@ -27,7 +27,7 @@ Like beside like, because a reader takes a cell for "this recipe, over seeds":
 - Curves draw one line per exact setting too: seeds averaged, different settings never.
 
 Each paper's table prints our cells as that paper printed its own (accuracy ± std for ASAM, error ± 95 %
-confidence interval for SAM) and the published figures as the CSV spells them: bench.report_tables.
+confidence interval for SAM) and the published figures as the CSV spells them: bench.report.paper.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`bench sharpness`: a finished run's final weights -> sharpness measures, one row each in sharpness.csv.
 
-The measures themselves (bench.sharpness_measures) are pure optimisation code; this module finds the run,
+The measures themselves (bench.sharpness.measures) are pure optimisation code; this module finds the run,
 rebuilds its model from the settings it ran with, loads the kept weights, takes the fixed examples from its
 task and writes the rows. The protocol is fixed and written into every row (`sh_*` columns): the first
 `examples` training examples in the dataset's order, no augmentation, the labels the run trained on (noisy
@@ -40,7 +40,7 @@ class Request:
     """What to measure on a run: measures, radii (empty: DEFAULT_RHO per measure) and the protocol."""
     measures: tuple[str, ...]
     rhos: tuple[float, ...] = ()
-    protocol: Any = None                  # bench.sharpness_measures.Protocol (None: its defaults)
+    protocol: Any = None                  # bench.sharpness.measures.Protocol (None: its defaults)
     device: str = "auto"
 
     def as_dict(self) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def write_rows(results_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
 def missing_pairs(results_dir: str | Path, run_id: str, request: Request) -> list[tuple[str, float | None]]:
     """The (measure, rho) of `request` that sharpness.csv lacks for `run_id` under the request's protocol."""
     proto = {f"sh_{k}": v for k, v in asdict(request.protocol).items()}
-    from bench.tables.cells import canon
+    from bench.store.records import canon
     have = {_key(r) for r in read_rows(results_dir)
             if r.get("run_id") == run_id and all(canon(r.get(k, "")) == canon(v) for k, v in proto.items())}
     return [(m, r) for m, r in request.pairs() if _key({"run_id": run_id, "measure": m, "rho": r}) not in have]

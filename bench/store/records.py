@@ -86,3 +86,36 @@ def result_rows(results_dir: Path | str) -> Iterator[dict[str, str]]:
     yield from rows.values()
 
 
+def canon(value: Any) -> Any:
+    """One spelling per value, whether it comes from a RunConfig or a CSV cell read back as text or as a
+    pandas-guessed number: "0.1" == 0.1, "200" == 200.0 == 200, "True" == True. Numbers compare at 12
+    significant digits (a float printed and read back is the same setting). A mapping (mopts) and the JSON
+    text a CSV cell holds of it get one sorted JSON spelling of such values: {"a": 0.1} == '{"a": 0.10}'."""
+    value = value.item() if hasattr(value, "item") else value  # numpy scalars -> Python
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return f"{float(value):.12g}"
+    if isinstance(value, (dict, list, tuple)):  # a plan's mopts: the JSON text a row holds, spelled alike
+        return json.dumps(_canon_json(value), sort_keys=True)
+    text = str(value).strip()
+    if text.startswith(("{", "[")):
+        try:
+            return json.dumps(_canon_json(json.loads(text)), sort_keys=True)
+        except ValueError:
+            return text
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return f"{float(text):.12g}"
+    except ValueError:
+        return text
+
+
+def _canon_json(value: Any) -> Any:
+    """A mapping's (or list's) values in canon's spelling, all the way down."""
+    if isinstance(value, dict):
+        return {str(k): _canon_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canon_json(v) for v in value]
+    return canon(value)

@@ -29,7 +29,8 @@ from bench.registry import get_task
 from bench.store.claims import ENV, HEARTBEAT_EVERY, STALE_AFTER, Claims, Heartbeat
 from bench.store.files import atomic_write
 from bench.store.records import FINISHED, read_record, run_folder, sync_csvs
-from bench.tables.plan import TablePlan, load_tables, plan
+from bench.tables.layout import load_tables
+from bench.tables.plan import TablePlan, plan
 from bench.train.control import handling_sigint
 from bench.train.runner import completed_run_ids, record_failure
 

@@ -73,7 +73,7 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, restart: bool =
             log=lambda msg: None) -> dict[str, Any]:
     """Train one run, unless it is done already, and make its row the run id's one record; return the row.
 
-    The run id is claimed first (see bench.sweep.claims): a run another live process trains is refused
+    The run id is claimed first (see bench.store.claims): a run another live process trains is refused
     with one line. A run with an `ok` or `diverged` record raises AlreadyDone (`force`: train it again
     from scratch and replace the record). The run checkpoints after every epoch into
     runs/<run_id>/checkpoint.pt and resumes from it when started again (`restart` discards it). The

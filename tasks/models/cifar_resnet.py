@@ -11,7 +11,7 @@
 
 Parameter and buffer names are homura's (conv1, norm1, layer1.0.downsample.0, fc, ...), so its
 checkpoints load as they are. Modules are also built and initialised in homura's order, so that under the
-same torch seed the initial weights are bit-identical to homura's (tests/test_models_homura.py checks
+same torch seed the initial weights are bit-identical to homura's (tests/task/test_models_homura.py checks
 both against a recorded fixture)."""
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ from bench.report.load import load_results, load_targets
 from bench.report.render import render_report
 from bench.report.write import write_report
 from bench.report.stats import kendall_tau
-from bench.tables.plan import load_tables, planned_settings
+from bench.tables.layout import load_tables
+from bench.tables.plan import planned_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TABLES = ROOT / "tasks" / "tables.toml"
 PAPER = ROOT / "results" / "paper" / "paper-cells.csv"
 

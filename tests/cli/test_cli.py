@@ -159,7 +159,8 @@ def test_environment_variable_wins_over_the_config_file(tmp_path, monkeypatch):
 
 def test_report_preset_smoke_on_a_hand_made_folder(tmp_path):
     from bench.registry import tables_file
-    from bench.tables.plan import load_tables, planned_settings
+    from bench.tables.layout import load_tables
+    from bench.tables.plan import planned_settings
 
     smoke = planned_settings(load_tables(tables_file()), ["smoke"])["asam2"]["smoke"]
     rows = [{**s, "run_id": f"r{i}", "status": "ok", "synthetic": True, "max_test_acc": 30.0 + i}

@@ -149,7 +149,7 @@ import sys
 from bench.tables.plan import plan
 from bench.sweep.sweeper import Sweeper
 from bench.registry import tables_file
-from bench.tables.plan import load_tables
+from bench.tables.layout import load_tables
 t6 = dict(load_tables(tables_file())["asam6"])
 t6["presets"] = {"smoke": {"rows": ["40 %"], "seeds": 1, "synthetic": [512, 64],
                            "settings": {"model": "resnet20", "epochs": 3, "batch_size": 16}}}
@@ -255,7 +255,8 @@ def test_sweep_bad_input(tmp_path, extra, message):
 
 def test_status_names_a_corrupt_claim(tmp_path):
     from bench.registry import tables_file
-    from bench.tables.plan import load_tables, plan
+    from bench.tables.layout import load_tables
+    from bench.tables.plan import plan
     cfg = plan(load_tables(tables_file()), ["asam6"], "smoke", results_dir=str(tmp_path))[0].runs[0]
     claims = Claims(tmp_path)
     status = ["reproduce", "asam6", "--preset", "smoke", "--status", "--results-dir", str(tmp_path)]

@@ -16,18 +16,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA initialization")
 
 
-@pytest.fixture
-def old_driver(monkeypatch):
-    """A node whose driver (525) is too old for this CUDA 13 wheel: torch sees no GPU and warns why."""
-    def unavailable():
-        import warnings
-        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 12000)")
-        return False
-    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(gpu, "driver_version", lambda: "525.105.17")
-
-
 def test_a_gpu_torch_cannot_use_is_one_line_with_the_driver_the_wheel_and_the_fix(old_driver):
     problem = gpu.cuda_problem()
     assert "driver 525.105.17" in problem and "CUDA 13.0 build" in problem and "too old" in problem

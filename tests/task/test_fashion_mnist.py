@@ -153,8 +153,9 @@ def test_mlp_sees_one_channel_28x28():
 def test_fmnist_table_plans_the_chosen_demo(monkeypatch, tmp_path):
     import bench.tables.plan as P
     from bench.registry import tables_file
+    from bench.tables.layout import load_tables
     monkeypatch.setattr(P, "PRESETS", tuple(dict.fromkeys((*P.PRESETS, "fmnist"))))  # if plan.py lacks it
-    tables = P.load_tables(tables_file())
+    tables = load_tables(tables_file())
     assert tables["fmnist"]["paper"] == "demo"  # no paper figure beside it
     assert set(tables["fmnist"]["metrics"].values()) == {"max_test_acc", "final_test_acc"}
     runs = P.plan(tables, ["fmnist"], "fmnist", results_dir=str(tmp_path))[0].runs

@@ -14,8 +14,6 @@ import torch
 from typer.testing import CliRunner
 
 from bench.doctor import checks as doctor
-from bench.doctor import main as doctor_main
-from bench.doctor import report as doctor_report
 from bench.doctor import full as doctor_full
 from bench import gpu
 from bench.cli.main import app
@@ -60,14 +58,7 @@ def test_the_cpu_report_lists_every_section_and_writes_markdown(no_gpu, tmp_path
     assert r.exit_code == 0 and (tmp_path / "elsewhere" / "node.md").exists()
 
 
-def test_a_cuda_build_that_cannot_use_the_gpu_fails_with_the_fix(monkeypatch, tmp_path):
-    def unavailable():
-        import warnings
-        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 12000)")
-        return False
-    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(gpu, "driver_version", lambda: "525.105.17")
+def test_a_cuda_build_that_cannot_use_the_gpu_fails_with_the_fix(old_driver, tmp_path):
     r = doctor_run(tmp_path)
     assert r.exit_code == 1, r.output
     line = next(ln for ln in r.output.replace("\n", " ").split("  fail  ")[1:] if ln.startswith("CUDA:"))

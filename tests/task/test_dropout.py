@@ -88,7 +88,7 @@ def test_image_mlp_at_zero_is_the_old_mlp():
 
 @pytest.mark.parametrize("name", ["wrn28_2"])
 def test_wrn_at_zero_is_homuras_network(name):
-    """create_model(name) is the network tests/test_models_homura.py checks against homura's recorded one."""
+    """create_model(name) is the network tests/task/test_models_homura.py checks against homura's recorded one."""
     x = torch.randn(2, 3, 32, 32)
     task = get_task("cifar10")
     for new in (lambda: create_model(name, dropout=0.0), lambda: task.make_model(name, 0.0)):

@@ -20,7 +20,7 @@ from bench.tables.layout import layout, metrics, minimizer_name, paper_key, refe
 from bench.tables.plan import planned_settings
 from bench.store.files import append_row
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TABLES = ROOT / "tasks" / "tables.toml"
 FOOTNOTE = "† recalled from the paper, never cross-checked against its text: unverified, shown as recalled."
 CORROBORATED = "‡ recalled from the paper and corroborated: the same figure is another paper's baseline."
@@ -58,7 +58,7 @@ def planned(task, model, minimizer, noise=None, plans=CELL_PLANS):
 
 
 def run(task, model, minimizer, seed, acc=None, **extra):
-    """One results row of a planned cell, as bench.runner writes it (every setting, plus the metrics);
+    """One results row of a planned cell, as bench.train.runner writes it (every setting, plus the metrics);
     run_id unique per (task, model, minimizer, seed, noise, synthetic) unless given."""
     rid = f"{task}-{model}-{minimizer}-s{seed}-n{extra.get('noise', 0)}-{'f' if extra.get('synthetic') else 'r'}"
     row = {"run_id": rid, "status": "ok", "synthetic": False, **planned(task, model, minimizer, extra.get("noise")),
@@ -521,7 +521,7 @@ def test_real_targets_and_tables_load(tables):
 
 
 def epochs(res, run_id, accs):
-    """A run's per-epoch log, as bench.runner writes it (the columns the plot needs, and a few others)."""
+    """A run's per-epoch log, as bench.train.runner writes it (the columns the plot needs, and a few others)."""
     rows = [{"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "test_acc": a} for i, a in enumerate(accs)]
     path = res / "runs" / run_id / "epochs.csv"
     path.parent.mkdir(parents=True)

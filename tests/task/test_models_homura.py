@@ -13,7 +13,7 @@ from tasks.models.cifar_resnet import resnet
 from tasks.models.resnext import resnext
 from tasks.models.wrn import wide_resnet
 
-FIXTURE = Path(__file__).parent / "fixtures" / "homura_cifar_resnet.pt"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "homura_cifar_resnet.pt"
 FULL = ["resnet20", "resnet32", "resnet56", "wrn28_2", "wrn28_10", "resnext29_32x4d"]
 SMALL = {  # the fixture's small homura models, built with our builders
     "resnet14_w4": lambda: resnet(14, width=4),

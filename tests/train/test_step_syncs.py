@@ -5,7 +5,7 @@ read of a device value on the host (`.item()`, `bool()`, `.tolist()`, printing) 
 CUDA would sync; `DeviceCopies` flags every copy of a host tensor onto the device and every op that mixes host
 and device tensors (CUDA copies the host one over), which is where the step would wait for a pageable copy.
 A 0-dim host tensor in an op (a scalar, passed by value) is no copy. The step is the engine's own
-(`bench.step.loop_step` on a `bench.setup` state): the Batch, accumulation, m-sharpness chunks, the epoch
+(`bench.train.step.loop_step` on a `bench.setup` state): the Batch, accumulation, m-sharpness chunks, the epoch
 sums, the per-step scheduler."""
 import pytest
 import torch

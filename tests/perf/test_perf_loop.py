@@ -13,7 +13,7 @@ from bench.train.batch import Cost
 from bench.cli.main import app
 from bench.errors import UserError
 from bench.perf.loop import Chunk
-from test_translation import write_synthetic_corpus
+from corpus import write_synthetic_corpus
 
 # Tiny: CIFAR-10 resnet20 at batch 16, chunks of 2 steps, 2 warm-up rounds, 2 timed chunks per minimizer.
 TINY = ["--batch-size", "16", "--steps", "4", "--warmup", "2", "--chunk", "2", "--workers", "0", "--device", "cpu"]

@@ -46,7 +46,7 @@ def tiny_job(bn: bool = False) -> Job:
 
 
 def fresh_process_job(cfg: RunConfig, rank: int) -> Job:
-    """What bench.runner.execute does in a new process: build the job, then a per-rank RNG stream."""
+    """What bench.train.runner.execute does in a new process: build the job, then a per-rank RNG stream."""
     job = tiny_job()
     torch.manual_seed(cfg.seed + 1_000_003 * rank)
     return job

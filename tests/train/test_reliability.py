@@ -1,5 +1,5 @@
 """Faults injected with real processes and signals: SIGKILL mid-epoch, SIGINT, divergence, corrupt inputs.
-(Concurrent appends from several processes: tests/test_results.py::test_concurrent_appends_from_processes.)"""
+(Concurrent appends from several processes: tests/store/test_results.py::test_concurrent_appends_from_processes.)"""
 import os
 import signal
 import subprocess

@@ -26,7 +26,7 @@ from tasks.translation import beam as beam_module
 from tasks.translation.beam import beam_search
 from tasks.translation.data import EOS, PAD, pad_right
 from tasks.translation.model import create_transformer, make_positions, sinusoidal_table
-from test_translation import random_sources
+from corpus import random_sources
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
