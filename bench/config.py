@@ -61,6 +61,9 @@ class RunConfig:
     loader: str = "auto"            # auto | torchvision | device (GPU-resident data + GPU augmentation)
     channels_last: bool = False     # conv nets: NHWC memory format
     compile: bool = False           # torch.compile the model
+    sam_from: float = 0.0           # plain base steps until this epoch (or fraction of training, < 1), then the
+                                    # minimizer (late-phase SAM; bench.train.schedule); 0: the minimizer throughout
+    sam_every: int = 1              # the minimizer's two-pass step every K-th step, plain steps between
     bn_second_pass: str = "update"  # update (official) | freeze
     second_pass_rng: str = "fresh"  # fresh (official) | reuse: dropout/ShakeDrop masks of pass 1 in pass 2
     seed: int = 0
@@ -145,7 +148,7 @@ class RunConfig:
         spelled = self.spelled()
         row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in OPTION_FIELDS}
         row.update({k: v for k, v in spelled.items() if k not in OPTION_FIELDS})
-        row.update(mopts=json.dumps(spelled["mopts"], sort_keys=True), topts=json.dumps(spelled["topts"], sort_keys=True))
+        row.update({k: json.dumps(spelled[k], sort_keys=True) for k in OPTION_FIELDS})
         row.update({f"m_{k}": v for k, v in sorted(spelled["mopts"].items())})
         row.update({f"t_{k}": v for k, v in sorted(spelled["topts"].items())})
         return row
@@ -153,7 +156,7 @@ class RunConfig:
 
 LATER_DEFAULTS = {"weight_decay_style": "optimizer", "m": 0, "true_gradient": False, "augment": "basic",
                   "model_rev": "", "mopts": {}, "accumulate": 1,
-                  "dropout": 0.0, "topts": {}}
+                  "dropout": 0.0, "topts": {}, "sam_from": 0.0, "sam_every": 1}
 PLAIN = tuple(f.name for f in fields(RunConfig) if f.name not in OPTION_FIELDS)  # settings that are fields
 # Every setting by name as people and files spell them, with its default: the fields, the spelled options,
 # mopts and topts (their other options)
@@ -300,11 +303,35 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.m >= 0 and (cfg.m == 0 or cfg.per_replica_batch % cfg.m == 0),
          f"--m {cfg.m} must divide the per-replica batch {cfg.per_replica_batch}; pass a divisor of it (or 0: "
          "m = the per-replica batch)")
+    problem = schedule_problem(cfg.sam_from, cfg.sam_every, cfg.epochs)
+    need(problem is None, problem or "")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
          f"--device must be auto, cpu or cuda[:N], got {cfg.device!r}")
     need(not (cfg.world_size > 1 and cfg.device.startswith("cuda:")),
          f"--device {cfg.device} with {cfg.world_size} processes (torchrun) would put every rank on that one GPU; "
          "pass --device cuda (each rank takes its own, LOCAL_RANK's) and choose GPUs with CUDA_VISIBLE_DEVICES")
+
+
+def sam_start_epoch(sam_from: float, epochs: int) -> int:
+    """The first (0-based) epoch of the two-pass phase; 0 when --sam-from is off."""
+    if not sam_from:
+        return 0
+    return math.floor(sam_from * epochs + 1e-9) if sam_from < 1 else int(sam_from)  # 1e-9: 0.875 * 200 is 175
+
+
+def schedule_problem(sam_from: float, sam_every: int, epochs: int) -> str | None:
+    """Why these schedule settings make no sense (one line with what to pass), or None."""
+    if not (isinstance(sam_from, (int, float)) and math.isfinite(sam_from) and 0 <= sam_from < epochs):
+        return (f"--sam-from must be in (0, {epochs}) (an epoch, or a fraction of training below 1; 0: off), "
+                f"got {sam_from}")
+    if sam_from >= 1 and sam_from != int(sam_from):
+        return f"--sam-from {sam_from} is above 1, so an epoch: pass an integer (or a fraction below 1)"
+    if sam_from and sam_start_epoch(sam_from, epochs) == 0:
+        return (f"--sam-from {sam_from} of {epochs} epochs starts at epoch 0, i.e. the minimizer all along: pass a "
+                f"larger fraction, or leave --sam-from out")
+    if not (isinstance(sam_every, int) and sam_every >= 1):
+        return f"--sam-every must be an integer >= 1 (1: every step), got {sam_every}"
+    return None
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -26,7 +26,8 @@ class Missing:
             return f"task {self.name!r} is not built yet"
         if self.kind == "setting":
             return f"task {self.task} does not read setting {self.name} yet"
-        return f"{self.kind} {self.name!r} is not built yet" + (f" for task {self.task}" if self.kind == "model" else "")
+        where = f" for task {self.task}" if self.kind == "model" else ""
+        return f"{self.kind} {self.name!r} is not built yet{where}"
 
     def refused(self) -> str:
         """How a run refuses it (one line with the choices there are)."""
@@ -36,7 +37,8 @@ class Missing:
         if self.kind == "model":
             return f"unknown model {self.name!r} for task {self.task}; choose one of: {', '.join(task.models())}"
         if self.kind == "minimizer":
-            return f"unknown minimizer {self.name!r} for task {self.task}; choose one of: {', '.join(task.minimizers())}"
+            return (f"unknown minimizer {self.name!r} for task {self.task}; choose one of: "
+                    f"{', '.join(task.minimizers())}")
         users = [t for t in task_names() if self.name in get_task(t).settings]
         return (f"--{self.name.replace('_', '-')} does not apply to task {self.task}; it is a setting of: "
                 f"{', '.join(users) or 'no task'}")
@@ -66,6 +68,18 @@ def check_chunks(cfg: RunConfig) -> None:
         raise UserError(f"--m (m-sharpness) is not defined for {cfg.minimizer}; it is for: {able}. Pass --m 0")
 
 
+def check_schedule(cfg: RunConfig) -> None:
+    """--sam-from / --sam-every need a minimizer whose step is a two-pass perturbation a plain step may replace."""
+    if not (cfg.sam_from or cfg.sam_every > 1):
+        return
+    cls = MINIMIZERS.get(cfg.minimizer)
+    if cls is None or not cls.schedulable:
+        able = ", ".join(n for n, c in MINIMIZERS.items() if c.schedulable)
+        flag = "--sam-from" if cfg.sam_from else "--sam-every"
+        what = "the base optimizer alone" if cls is None else f"{cfg.minimizer}, whose step is not a two-pass one"
+        raise UserError(f"{flag} schedules a two-pass minimizer's steps, not {what}; it is for: {able}")
+
+
 def make_config(task_name: str, **overrides: Any) -> RunConfig:
     """The task's recipe defaults overridden by the given non-None settings, checked."""
     task = get_task(task_name)
@@ -78,6 +92,7 @@ def make_config(task_name: str, **overrides: Any) -> RunConfig:
     cfg = build_config(task_name, task.recipe(model), {**overrides, "model_rev": task.model_rev(model)}, task.Options,
                        minimizer.Hparams if minimizer is not None else None)
     check_chunks(cfg)
+    check_schedule(cfg)
     if cfg.loader not in task.loader_kinds:
         raise UserError(f"--loader {cfg.loader} does not apply to task {task_name}: its data takes "
                         f"{' or '.join(task.loader_kinds)} (--loader device holds a whole in-memory image dataset on "

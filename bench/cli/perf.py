@@ -9,36 +9,54 @@ from bench.cli.console import console, say, user_errors
 from bench.errors import UserError
 from bench.train.runtime import default_workers
 
+TaskOpt = Annotated[str, typer.Option(help="Task whose model zoo to time (CIFAR-shaped batches).")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+        help="Default: wrn28_10 (step); the task's recipe model (loop).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(
+        help="Default: 128 (step); the recipe's (loop; tokens per batch for translation).")]
+StepsOpt = Annotated[Optional[int], typer.Option(
+        help="Timed steps per minimizer, after warm-up (default 20; loop: 50, in whole chunks).")]
+WarmupOpt = Annotated[int, typer.Option(help="Untimed warm-up: steps (step), rounds of --chunk steps (loop).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+        help="fp32 or bf16 (step; default fp32); loop: fp16 too, default the recipe's.")]
+MinimizerOpt = Annotated[Optional[list[str]], typer.Option(
+        help="Minimizer to time beside the base optimizer (repeatable); default: every registered one (step), "
+             "sam and asam (loop). Step: a schedule too, sam@every5 (a two-pass step every 5th) or sam@from0.875 "
+             "(late-phase: one step in 8 two-pass, the mean step of a run's last 1/8).")]
+PeerOpt = Annotated[bool, typer.Option(help="Also time pytorch-optimizer's SAM (pip install "
+                                            "'sambench[peer]'); step only.")]
+ResultsDirOpt = Annotated[str, typer.Option(help="Appends to <results-dir>/perf.csv.")]
+WhatOpt = Annotated[str, typer.Option(help="step: one isolated step on a random CIFAR-shaped batch; loop: bench "
+                                           "run's own loop (loader, precision, channels_last, compile).")]
+ChannelsLastOpt = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                          help="Loop only.")]
+CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Loop only: torch.compile; "
+                                                    "the first step is reported apart (compile_s).")]
+LoaderOpt = Annotated[Optional[str], typer.Option(help="Loop only: auto, torchvision or device.")]
+DataDirOpt = Annotated[Optional[str], typer.Option(
+        help="Loop only: the task's data (default: data/ if it holds it, else synthetic data).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Loop only: data-loader worker processes.")]
+ChunkOpt = Annotated[Optional[int], typer.Option(help="Loop only: steps per contestant per round (default 5).")]
+
 
 def perf_cmd(
-    task: Annotated[str, typer.Option(help="Task whose model zoo to time (CIFAR-shaped batches).")] = "cifar10",
-    model: Annotated[Optional[str], typer.Option(
-        help="Default: wrn28_10 (step); the task's recipe model (loop).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Default: 128 (step); the recipe's (loop; tokens per batch for translation).")] = None,
-    steps: Annotated[Optional[int], typer.Option(
-        help="Timed steps per minimizer, after warm-up (default 20; loop: 50, in whole chunks).")] = None,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up: steps (step), rounds of --chunk steps (loop).")] = 3,
+    task: TaskOpt = "cifar10",
+    model: ModelOpt = None,
+    batch_size: BatchSizeOpt = None,
+    steps: StepsOpt = None,
+    warmup: WarmupOpt = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    precision: Annotated[Optional[str], typer.Option(
-        help="fp32 or bf16 (step; default fp32); loop: fp16 too, default the recipe's.")] = None,
-    minimizer: Annotated[Optional[list[str]], typer.Option(
-        help="Minimizer to time beside the base optimizer (repeatable); default: every registered one (step), "
-             "sam and asam (loop).")] = None,
-    peer: Annotated[bool, typer.Option(help="Also time pytorch-optimizer's SAM (pip install "
-                                            "'sambench[peer]'); step only.")] = False,
-    results_dir: Annotated[str, typer.Option(help="Appends to <results-dir>/perf.csv.")] = "results",
-    what: Annotated[str, typer.Option(help="step: one isolated step on a random CIFAR-shaped batch; loop: bench "
-                                           "run's own loop (loader, precision, channels_last, compile).")] = "step",
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
-                                                          help="Loop only.")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Loop only: torch.compile; "
-                                                    "the first step is reported apart (compile_s).")] = None,
-    loader: Annotated[Optional[str], typer.Option(help="Loop only: auto, torchvision or device.")] = None,
-    data_dir: Annotated[Optional[str], typer.Option(
-        help="Loop only: the task's data (default: data/ if it holds it, else synthetic data).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Loop only: data-loader worker processes.")] = None,
-    chunk: Annotated[Optional[int], typer.Option(help="Loop only: steps per contestant per round (default 5).")] = None,
+    precision: PrecisionOpt = None,
+    minimizer: MinimizerOpt = None,
+    peer: PeerOpt = False,
+    results_dir: ResultsDirOpt = "results",
+    what: WhatOpt = "step",
+    channels_last: ChannelsLastOpt = None,
+    compile: CompileOpt = None,
+    loader: LoaderOpt = None,
+    data_dir: DataDirOpt = None,
+    workers: WorkersOpt = None,
+    chunk: ChunkOpt = None,
 ):
     """Time SGD and every minimizer side by side (interleaved, same initial weights) on one device."""
     from bench.perf.common import append_perf_rows

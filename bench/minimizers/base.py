@@ -28,8 +28,9 @@ randomness, clipping, the fp16 scaler) reaches every minimizer as one `Switches`
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -103,6 +104,8 @@ class Minimizer:
     passes = 1            # nominal forward+backward passes of a step (the batch counts what really ran)
     ascent_sync = False   # True: under DDP the ascent gradient must be all-reduced (it enters the update)
     supports_chunks = False  # step_chunks (m-sharpness, --m) is available
+    schedulable = False   # a two-pass step a plain base step may replace (--sam-from, --sam-every: train/schedule)
+    reports_gap = True    # its ascent and descent passes are at w and w + e: their loss gap is SAM's surrogate gap
     citation = ""
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,
@@ -126,9 +129,14 @@ class Minimizer:
 
     def step(self, batch):
         """One pass at w, then the base step."""
+        return self.plain_step(batch)
+
+    def plain_step(self, batch):
+        """One pass at w, then the base optimizer's step, whatever this minimizer's own step is: the steps a schedule
+        (--sam-from, --sam-every) gives the base optimizer alone. fp16's overflow check and clipping as any step."""
         batch = as_batch(batch)
         out = batch("plain")
-        self._base_step(batch)
+        Minimizer._base_step(self, batch)
         return out
 
     def skip_if_overflow(self, batch) -> bool:

@@ -74,6 +74,7 @@ class LookSAM(SAM):
     passes = _NominalPasses()
     ascent_sync = True      # the reuse steps' update contains g_v, built from the first gradient
     supports_chunks = False
+    schedulable = False     # its own every-k schedule: plain steps between would stall its reuse steps' g_v
     citation = "Liu et al., CVPR 2022 (arXiv 2203.02714); no official code (from the paper's Algorithm 1)"
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, switches: Switches | None = None,

@@ -19,8 +19,8 @@ Subclasses change what they need: `_scaled_grads` (the direction and its norm: A
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class SAM(Minimizer):
     Hparams = SAMHparams
     passes = 2
     supports_chunks = True
+    schedulable = True  # every step is a perturbation from the step's own gradient: a plain step may replace one
     eps = EPS  # added to the perturbation's norm; a subclass following another official code sets its own
     citation = "Foret et al., ICLR 2021 (arXiv 2010.01412); code: google-research/sam"
 

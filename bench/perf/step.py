@@ -13,10 +13,10 @@ never stepped: the price of one pass.
 
 Each step is the real `minimizer.step(batch)` of training (SGD: `bench.minimizers.Minimizer`, the base
 step; SAM, ASAM and the variants: `bench.minimizers`; the peer: pytorch-optimizer's `SAM.step`) on the
-engine's own `bench.batch.Batch`, timed as a whole. The batch also records a mark when each pass starts and
+engine's own `bench.train.batch.Batch`, timed as a whole. The batch also records a mark when each pass starts and
 ends, which splits the step into its passes and what lies between them: for SAM/ASAM `ascent_step()`
 (after the first pass) and `descent_step()` (after the second: restore the weights, base step, zero_grad);
-for SGD the base step and zero_grad. `passes` is what the batch counted per step (bench.batch.Cost: a
+for SGD the base step and zero_grad. `passes` is what the batch counted per step (bench.train.batch.Cost: a
 forward alone counts 1/3, a pass over part of the batch its share; LookSAM's average over its cycle needs
 a multiple of k steps). Hence per minimizer
 
@@ -49,7 +49,10 @@ reads `peak_mem_mib(sam) <= peak_mem_mib(sgd) + param_mib`.
 The peer (`peer=True`) is `pytorch_optimizer.SAM` (PyPI `pytorch-optimizer`) with the same base SGD,
 rho = `sam_rho` and adaptive=False, used as its documentation says: one closure call at the current
 weights, then `SAM.step(closure)` (first_step(zero_grad=True), closure at the perturbed weights,
-second_step(): restore + base step), then `zero_grad()`.
+second_step(): restore + base step), then `zero_grad()`. With `wsam` among the minimizers the peers include
+`pytorch_optimizer.WSAM` too (`peer-wsam`: the official defaults ours has, gamma 0.9, decoupled, no clipping;
+its `step(closure)` runs both passes), the same options as our `wsam` (tests/minimizers/test_wsam.py checks
+the two agree step for step).
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ from bench.train.runtime import autocast_for, numerics_flags, training_flags
 
 PRECISIONS = ("fp32", "bf16")
 PEER = "peer-sam"
+PEER_WSAM = "peer-wsam"
 PASS = "pass"
 BASE_SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 PEER_HINT = "pip install pytorch-optimizer (or: pip install 'sambench[peer]')"
@@ -100,11 +104,11 @@ class Contestant:
     cost: Cost = field(default_factory=Cost)
 
 
-def import_peer():
-    """pytorch_optimizer.SAM and the package's version; a UserError that says how to install it if absent."""
+def import_peer(what: str = "SAM"):
+    """pytorch_optimizer.<what> and the package's version; a UserError that says how to install it if absent."""
     try:
         module = importlib.import_module("pytorch_optimizer")
-        cls = module.SAM
+        cls = getattr(module, what)
     except (ImportError, AttributeError) as e:
         raise UserError(f"--peer needs the pytorch-optimizer package ({e}); {PEER_HINT}") from None
     try:
@@ -119,9 +123,45 @@ def base_sgd(model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), **BASE_SGD)
 
 
+def schedule_of(name: str) -> tuple[str, int] | None:
+    """"sam@every5" -> ("sam", 5): a two-pass step every 5th step; "sam@from0.875" -> ("sam", 8): late-phase SAM's
+    average step, the last 1/8 of training, timed as one two-pass step in 8 (its ms_mean is the run's mean step;
+    the order of its steps within a run does not change their cost). None for a name without a schedule."""
+    if "@" not in name:
+        return None
+    base, _, what = name.partition("@")
+    try:
+        if what.startswith("every"):
+            k = int(what[5:])
+        elif what.startswith("from"):
+            share = 1 - float(what[4:])
+            k = round(1 / share) if 0 < share < 1 else 0
+            if k < 1 or abs(k * share - 1) > 1e-9:
+                raise ValueError
+        else:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{name!r}: a schedule is MINIMIZER@everyK or MINIMIZER@fromX with 1 - X = 1/K "
+                        "(sam@every5, sam@from0.875)") from None
+    if base not in MINIMIZERS or not MINIMIZERS[base].schedulable or k < 1:
+        able = ", ".join(n for n, c in MINIMIZERS.items() if c.schedulable)
+        raise UserError(f"{name!r}: schedules apply to a two-pass minimizer ({able}) every K >= 1 steps")
+    return base, k
+
+
 def build_contestant(name: str, model: nn.Module, hparams: dict | None = None) -> Contestant:
-    """`name`: "sgd", a registered minimizer ("sam", "asam", ...), "pass" or "peer-sam"."""
+    """`name`: "sgd", a registered minimizer ("sam", "asam", ...), one under a schedule ("sam@every5",
+    "sam@from0.875": `schedule_of`), "pass", "peer-sam" or "peer-wsam"."""
     hparams = dict(hparams or {})
+    if schedule_of(name) is not None:
+        base, k = schedule_of(name)
+        minimizer = create_minimizer(base, base_sgd(model), model, **hparams)
+        count = iter(range(1 << 62))
+
+        def step(batch):  # the engine's rule (bench.train.schedule): two passes at the k-th, 2k-th, ... step
+            return minimizer.step(batch) if (next(count) + 1) % k == 0 else minimizer.plain_step(batch)
+        return Contestant(name, "sambench", model, step, passes=1 + 1 / k, hparams=minimizer.hparams(),
+                          optimizer=minimizer)
     if name == PASS:
         def step(closure):
             closure()
@@ -137,6 +177,15 @@ def build_contestant(name: str, model: nn.Module, hparams: dict | None = None) -
             opt.zero_grad()
         return Contestant(PEER, f"pytorch-optimizer {ver}", model, step, passes=2,
                           hparams={"rho": hparams.get("rho", 0.05)}, optimizer=opt)
+    if name == PEER_WSAM:
+        cls, ver = import_peer("WSAM")
+        hp = {"rho": 0.05, "gamma": 0.9, "decouple": True, **{k: v for k, v in hparams.items() if k != "clip_norm"}}
+        opt = cls(model, model.parameters(), torch.optim.SGD, **hp, **BASE_SGD)
+
+        def step(closure):
+            opt.step(closure)   # closure at w, first_step, closure at w + e, second_step
+            opt.zero_grad()
+        return Contestant(PEER_WSAM, f"pytorch-optimizer {ver}", model, step, passes=2, hparams=hp, optimizer=opt)
     minimizer = create_minimizer(name, base_sgd(model), model, **hparams)
     return Contestant(name, "sambench", model, minimizer.step, passes=minimizer.passes,
                       hparams=minimizer.hparams(), optimizer=minimizer)
@@ -173,7 +222,7 @@ def build_contestants(initial: nn.Module, names: Sequence[str], hparams: dict[st
 # -- the timed rounds --------------------------------------------------------------------------------------
 
 class TimedBatch(Batch):
-    """The engine's batch (bench.batch), with a timer mark before and after every pass a minimizer runs."""
+    """The engine's batch (bench.train.batch), with a timer mark before and after every pass a minimizer runs."""
 
     def __init__(self, *args, marks: list, timer, **kwargs):
         super().__init__(*args, **kwargs)
@@ -316,14 +365,20 @@ def measure(model_name: str, num_classes: int, batch_size: int, steps: int, devi
         raise UserError(f"bf16 is not supported on {torch.cuda.get_device_name(device)}; use --precision fp32")
     known = ["sgd", *MINIMIZERS]
     names = ["sgd"] + [m for m in dict.fromkeys(minimizers or MINIMIZERS) if m != "sgd"]
-    unknown = [m for m in names if m not in known]
+    unknown = [m for m in names if m not in known and schedule_of(m) is None]
     if unknown:
         raise UserError(f"unknown minimizer {unknown[0]!r}; choose from {', '.join(known)}")
     if peer:
         import_peer()  # fail before any work
         names.append(PEER)
+        if "wsam" in names:
+            import_peer("WSAM")
+            names.append(PEER_WSAM)
     hparams = {**{n: dict(o) for n, o in (options or {}).items()},
                "sam": {"rho": sam_rho}, "asam": {"rho": asam_rho, "eta": asam_eta}, PEER: {"rho": sam_rho}}
+    hparams.update({n: hparams.get(schedule_of(n)[0], {}) for n in names if schedule_of(n) is not None})
+    if PEER_WSAM in names:  # the same options as our wsam: the task's recipe's, else both sides' defaults
+        hparams[PEER_WSAM] = {k: v for k, v in hparams.get("wsam", {}).items() if k in ("rho", "gamma", "decouple")}
 
     from bench.train.runtime import device_name as describe
     dev_name = describe(device)

@@ -1,9 +1,9 @@
 """`bench report`'s equal-compute view of a table: each minimizer against SGD at the compute SGD spent.
 
 SAM-like minimizers spend about two passes per step where SGD spends one, so a table of final accuracies
-flatters them. Per cell of a table (the runs a plan's cell holds, bench.cells; never across cells) and per
+flatters them. Per cell of a table (the runs a plan's cell holds, bench.tables.cells; never across cells) and per
 minimizer, mean over seeds, each run measured against the SGD run (the table's base optimizer) of the
-same cell and seed, from the runs' epoch logs (bench.compute):
+same cell and seed, from the runs' epoch logs (bench.store.history):
 - the test accuracy it had reached with SGD's total compute;
 - the compute it took to reach SGD's final test accuracy, in multiples of SGD's total compute;
 - what a step and an epoch cost it: passes per step, training seconds per epoch.
@@ -16,6 +16,7 @@ Pure: results rows (matched to the plans) and the epoch logs under the results f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,21 @@ from typing import Any
 import pandas as pd
 
 from bench.config import DEFAULTS, OPTIMIZERS
+from bench.report.frontier import on_frontier, points
 from bench.report.paper import DASH, md_table
 from bench.store.history import acc_at_compute, final_acc, run_history, spent, time_to_target
-from bench.tables.cells import canon
+from bench.store.records import canon
 from bench.tables.layout import Layout, minimizer_name, tasks
 
-HEADER = ["acc at SGD's compute (%)", "compute to SGD's final acc", "passes/step", "wall s/epoch", "seeds"]
+HEADER = ["acc at SGD's compute (%)", "compute to SGD's final acc", "passes/step", "wall s/epoch", "seeds",
+          "final acc (%)", "passes in all", "frontier"]
 READING = ("Mean over seeds, each run against the SGD run of its seed: its test accuracy at its last epoch within "
            "SGD's total passes, and the passes it took to reach SGD's final test accuracy ÷ SGD's total (`(k of n)`: "
            "only k of the n seeds compared have a figure; –: no SGD run to compare with). A pass is a "
-           "forward+backward over a batch, a forward alone counting 1/3.")
+           "forward+backward over a batch, a forward alone counting 1/3; `(k parallel)`: the passes per step on the "
+           "critical path when a step's independent passes run on devices of their own (SAMPa). Final accuracy: mean "
+           "± standard deviation over seeds. **frontier**: no other line of the cell reaches at least its mean final "
+           "accuracy with no more passes in all (one of the two strictly better).")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Line:
     label: str
     logs: list[list[dict]] = field(default_factory=list)
     refs: list[list[dict] | None] = field(default_factory=list)
+    parallel_shares: list[float] = field(default_factory=list)  # per run: parallel passes / passes spent (SAMPa < 1)
 
 
 @dataclass
@@ -64,7 +71,8 @@ def cell_views(t: dict, lay: Layout, preset: str, runs: pd.DataFrame, folder: st
     ok = runs[runs["status"] == "ok"]
     by_cell: dict[tuple, list[dict]] = {}
     for r in ok.to_dict("records"):
-        by_cell.setdefault((r["task"], *r["cells"][(lay.name, preset)]), []).append(r)
+        row, variant, column = r["cells"][(lay.name, preset)]
+        by_cell.setdefault((r["task"], row, variant), []).append({**r, "column": column})
     base, views = base_optimizer(lay), []
     for key in ((k, r["label"], v["label"]) for k in lay.tasks for r in lay.rows for v in lay.variants):
         view = _cell_view(t, lay, key, by_cell.get(key, []), base, folder)
@@ -88,18 +96,28 @@ def _cell_view(t: dict, lay: Layout, key: tuple, runs: list[dict], base: str | N
     runs = [r for r in runs if spent(logs[r["run_id"]]) is not None and final_acc(logs[r["run_id"]]) is not None]
     if not runs:
         return None
-    base_runs = [r for r in runs if r["minimizer"] == base]
+    base_runs = [r for r in runs if r["column"] == base]
     ref_epochs = min((_epochs(r) for r in base_runs), default=None)
     refs = {canon(r["seed"]): logs[r["run_id"]] for r in base_runs if _epochs(r) == ref_epochs}
     lines: dict[tuple, Line] = {}
     for m in lay.minimizers:
-        for r in sorted((r for r in runs if r["minimizer"] == m), key=lambda r: (_epochs(r), canon(r["seed"]))):
+        for r in sorted((r for r in runs if r["column"] == m), key=lambda r: (_epochs(r), canon(r["seed"]))):
             extra = m == base and _epochs(r) != ref_epochs  # SGD at twice the epochs: a line of its own
             label = minimizer_name(t, m) + (f" ({_epochs(r)} ep)" if extra else "")
             line = lines.setdefault((m, _epochs(r) if extra else None), Line(label))
             line.logs.append(logs[r["run_id"]])
             line.refs.append(refs.get(canon(r["seed"])))
+            line.parallel_shares.append(_share(r))
     return CellView(*key, model=str(runs[0]["model"]), lines=list(lines.values()))
+
+
+def _share(row: dict) -> float:
+    """The run's parallel passes per step over the passes it spent (1 for a row older than the column)."""
+    try:
+        share = float(row["parallel_passes_per_step"]) / float(row["passes_per_step"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 1.0
+    return 1.0 if math.isnan(share) else share
 
 
 def _mean(values: list[float]) -> float:
@@ -125,8 +143,19 @@ def line_cells(line: Line) -> list[str]:
     ratio = (f"{_mean(ratios):.2f}×{_of(len(ratios), len(pairs))}" if ratios
              else "not reached" if pairs else DASH)
     wall = _mean([c["wall_s"] / c["epochs"] for c in costs])
-    return [acc, ratio, f"{_mean([c['passes'] / c['steps'] for c in costs]):.2f}",
-            DASH if wall != wall else f"{wall:.2f}" if wall < 10 else f"{wall:.1f}", str(len(costs))]
+    per_step = _mean([c["passes"] / c["steps"] for c in costs])
+    share = _mean(line.parallel_shares) if line.parallel_shares else 1.0
+    passes = f"{per_step:.2f}" + (f" ({per_step * share:.2f} parallel)" if abs(share - 1) > 1e-9 else "")
+    return [acc, ratio, passes, DASH if wall != wall else f"{wall:.2f}" if wall < 10 else f"{wall:.1f}",
+            str(len(costs))]
+
+
+def frontier_cells(view: CellView) -> dict[str, list[str]]:
+    """Per line label: its final accuracy (mean ± sd), its passes in all, and whether it is on the frontier."""
+    pts = points(view)
+    front = {p.label for p in on_frontier(pts)}
+    return {p.label: [f"{p.acc:.2f} ± {p.acc_sd:.2f}" if p.seeds > 1 else f"{p.acc:.2f}", f"{p.passes:,.0f}",
+                      "yes" if p.label in front else ""] for p in pts}
 
 
 def labels(t: dict, lay: Layout, view: CellView) -> list[str]:
@@ -142,7 +171,11 @@ def compute_view(t: dict, lay: Layout, preset: str, runs: pd.DataFrame, folder: 
         return []
     header = (["dataset"] if len(tasks(t)) > 1 else []) + [t.get("row_axis", "model")] + (
         [t.get("variant_axis", "variant")] if lay.variant_column else []) + ["minimizer", *HEADER]
-    body = [labels(t, lay, v) + [line.label, *line_cells(line)] for v in views for line in v.lines]
+    body = []
+    for v in views:
+        front = frontier_cells(v)
+        body += [labels(t, lay, v) + [line.label, *line_cells(line), *front.get(line.label, [DASH, DASH, ""])]
+                 for line in v.lines]
     return ["### Equal compute", ""] + md_table(header, body) + [READING, ""]
 
 

@@ -3,7 +3,7 @@ cells -> the lines `bench report` prints. Pure: plain data in, text out (bench.r
 
 Our cells print as each paper printed its own (tables.toml `value`, `spread`): accuracy (or BLEU) ± the sample
 standard deviation over seeds (ASAM paper), or error (%) = 100 - accuracy ± the 95 % confidence interval
-t_{0.975, n-1} * s / sqrt(n) (SAM paper; bench.stats). A published figure prints as the CSV spells it, marked
+t_{0.975, n-1} * s / sqrt(n) (SAM paper; bench.report.stats). A published figure prints as the CSV spells it, marked
 by how sure it is; each mark is explained under its table.
 """
 from __future__ import annotations
@@ -81,9 +81,9 @@ def _footnotes(marks: set[str]) -> list[str]:
 
 
 def _by_cell(lay: Layout, preset: str, runs: pd.DataFrame, column: str) -> dict[tuple, tuple]:
-    """The table's runs by cell: (task, row, variant, minimizer) -> (its runs, None), or for a doubled SGD
+    """The table's runs by cell: (task, row, variant, column) -> (its runs, None), or for a doubled SGD
     cell (the runs at the better epochs, those epochs)."""
-    keys = [(r["task"], *r["cells"][(lay.name, preset)], r["minimizer"]) for r in runs.to_dict("records")]
+    keys = [(r["task"], *r["cells"][(lay.name, preset)]) for r in runs.to_dict("records")]
     index: dict[tuple, list] = {}
     for i, key in zip(runs.index, keys):
         index.setdefault(key, []).append(i)
@@ -105,7 +105,7 @@ def table_section(t: dict, lay: Layout, runs: pd.DataFrame, figs: dict, syntheti
     """One table under one preset: rows x variants down, tasks x minimizers across (ours, paper, Δ)."""
     # The paper's figures stand beside full-preset cells of a paper that has published cells (the demos and
     # the variants table have none: ours alone, no empty paper column).
-    # A sharpness study's published figures are its correlations, which its own section prints (bench.report_sharpness).
+    # A sharpness study's published figures are its correlations, which its own section prints (bench.report.sharpness).
     with_paper = (not synthetic and preset == PAPER_PRESET and any(k[0] == t.get("paper", "") for k in figs)
                   and "sharpness" not in t)
     out = [f"## {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""] + ([lay.note, ""] if lay.note else [])

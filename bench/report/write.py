@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from bench.report.compute import cell_views, labels, plot_compute
-from bench.report.curves import plot_curves, plot_title
+from bench.report.frontier import plot_frontier
+from bench.report.curves import plot_curves, plot_title, save_png
 from bench.report.load import load_results, load_targets
 from bench.report.render import render_report, sections
 from bench.report.sharpness import plot_study
-from bench.store.files import atomic_replace, atomic_write
+from bench.store.files import atomic_write
 from bench.tables.cells import Plans, match_plans
 from bench.tables.layout import load_tables, models, tasks
 
@@ -68,7 +69,7 @@ def _study_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, p
     for t, lay, preset, part, fake, suffix in sections(results, tables, plans):
         def write(name: str, fig) -> None:
             file = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{out.stem}-sharpness-{preset}-{name}" + "-synthetic" * fake)
-            atomic_replace(out.with_name(file + ".png"), lambda f: fig.savefig(f, format="png", dpi=110))
+            save_png(fig, out.with_name(file + ".png"))
             links.extend([f"### {lay.name}{suffix}: {name}" + (" — synthetic data" if fake else ""), "",
                           f"![{name}]({file}.png)", ""])
         plot_study(lay, part, results_dir, write)
@@ -94,12 +95,18 @@ def _compute_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict,
             parts = [out.stem, "compute", lay.name, preset, view.task, view.row, view.variant, "synthetic" * fake]
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)) + ".png"
             plot_compute(view, f"{lay.name}: {cell}" + (" (synthetic data)" if fake else ""),
-                         lambda fig: atomic_replace(out.with_name(name), lambda f: fig.savefig(f, format="png", dpi=110)))
+                         lambda fig: save_png(fig, out.with_name(name)))
             what = f"{lay.name}{suffix}: {cell}" + (" — synthetic data" if fake else "")
             links += [f"### {what}", "", f"![{what}]({name})", ""]
+            front = name.replace("-compute-", "-frontier-", 1)
+            if plot_frontier(view, f"{lay.name}: {cell}, frontier" + (" (synthetic data)" if fake else ""),
+                             lambda fig: save_png(fig, out.with_name(front))):
+                links += [f"![{what}: frontier]({front})", ""]
     if left:
         links.append(f"{left} more cell{'s' * (left > 1)} not plotted (at most {MAX_COMPUTE_PLOTS}; "
                      "choose with --plot TASK:MODEL).")
     head = ["## Accuracy vs compute", "", "Mean test accuracy over seeds against cumulative passes (a forward alone "
-            "counting 1/3), one line per minimizer; dashed: SGD's total compute.", ""]
+            "counting 1/3), one line per minimizer; dashed: SGD's total compute. Beside it, the cell's frontier (bench.report."
+            "frontier): final accuracy (mean ± sd over seeds) against passes and wall time in all, one point per "
+            "minimizer and schedule, the frontier joined.", ""]
     return "\n" + "\n".join(head + links).rstrip() + "\n" if links else ""

@@ -2,64 +2,30 @@
 
 A plan is plain data, table -> preset -> the settings (`RunConfig.identity()`) of every run that
 `bench reproduce --preset PRESET` would run for the table, each with the row and variant labels of its cell
-(`bench.sweep.plan.planned_settings` makes it). A row belongs to a plan, and to that cell, when its settings
+(`bench.tables.plan.planned_settings` makes it). A row belongs to a plan, and to that cell, when its settings
 equal a planned run's, seed aside. Rows are CSV cells read back (text, or numbers pandas guessed), plans are
 typed values: both are brought to one spelling first. No torch and no task registry here: only RunConfig's
 field names and defaults.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 import pandas as pd
 
 from bench.config import DEFAULTS, NOT_IDENTITY
+from bench.store.records import canon
 
 # The settings a plan fixes and a cell holds equal: a run's identity without its seed, in RunConfig's order.
 FIELDS = tuple(f for f in DEFAULTS if f not in NOT_IDENTITY and f != "seed")
 SHOWN = ("task", "model", "minimizer", "noise")  # a cell's coordinates: the first columns of "Other runs"
 Plans = Mapping[str, Mapping[str, list[dict]]]  # table -> preset -> settings of each planned run
-ROW, VARIANT = "cell_row", "cell_variant"  # a planned run's cell: its row's and variant's labels
+# a planned run's cell: its row's and variant's labels, its column's key (bench.tables.layout.columns)
+ROW, VARIANT, COLUMN = "cell_row", "cell_variant", "cell_column"
 
 
 def pct(noise: float) -> str:
     return f"{noise * 100:.4g} %"
-
-
-def canon(value: Any) -> Any:
-    """One spelling per value, whether it comes from a RunConfig or a CSV cell read back as text or as a
-    pandas-guessed number: "0.1" == 0.1, "200" == 200.0 == 200, "True" == True. Numbers compare at 12
-    significant digits (a float printed and read back is the same setting). A mapping (mopts) and the JSON
-    text a CSV cell holds of it get one sorted JSON spelling of such values: {"a": 0.1} == '{"a": 0.10}'."""
-    value = value.item() if hasattr(value, "item") else value  # numpy scalars -> Python
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return f"{float(value):.12g}"
-    if isinstance(value, (dict, list, tuple)):  # a plan's mopts: the JSON text a row holds, spelled alike
-        return json.dumps(_canon_json(value), sort_keys=True)
-    text = str(value).strip()
-    if text.startswith(("{", "[")):
-        try:
-            return json.dumps(_canon_json(json.loads(text)), sort_keys=True)
-        except ValueError:
-            return text
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return f"{float(text):.12g}"
-    except ValueError:
-        return text
-
-
-def _canon_json(value: Any) -> Any:
-    """A mapping's (or list's) values in canon's spelling, all the way down."""
-    if isinstance(value, dict):
-        return {str(k): _canon_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canon_json(v) for v in value]
-    return canon(value)
 
 
 def run_settings(row: Mapping[str, Any]) -> tuple:
@@ -73,13 +39,15 @@ def run_settings(row: Mapping[str, Any]) -> tuple:
 
 
 def _owners(plans: Plans) -> dict[tuple, dict[tuple[str, str], tuple[str, str]]]:
-    """Planned settings -> {(table, preset) plan naming them: (row, variant) of the cell}, in the plans' order."""
+    """Planned settings -> {(table, preset) plan naming them: (row, variant, column) of the cell}, in the plans'
+    order (a plan written before columns had keys: the minimizer's name)."""
     owners: dict[tuple, dict[tuple[str, str], tuple[str, str]]] = {}
     for table, by_preset in plans.items():
         for preset, runs in by_preset.items():
             for identity in runs:
                 cells = owners.setdefault(run_settings(identity), {})
-                cells.setdefault((table, preset), (str(identity.get(ROW, "")), str(identity.get(VARIANT, ""))))
+                cells.setdefault((table, preset), (str(identity.get(ROW, "")), str(identity.get(VARIANT, "")),
+                                                   str(identity.get(COLUMN, identity.get("minimizer", "")))))
     return owners
 
 
@@ -113,7 +81,7 @@ def _compared(settings: tuple, owners: dict) -> tuple[str, str, str]:
 
 def match_plans(results: pd.DataFrame, plans: Plans) -> pd.DataFrame:
     """The (normalised) results, each row with where it belongs: `in_plans`, the (table, preset) plans
-    naming its settings, `cells`, {(table, preset): (row, variant) of its cell}, and `planned`; for the
+    naming its settings, `cells`, {(table, preset): (row, variant, column) of its cell}, and `planned`; for the
     others `differs` and `compared` (see `_compared`); `settings`, its settings as a tuple; `variant`, what
     sets its curve apart (preset or differences)."""
     df = results.copy()

@@ -1,11 +1,13 @@
 """The papers' result tables as data (tasks/tables.toml): read, check, and lay out per preset.
 
-A table is tasks x rows x variants x minimizers x seeds. Rows and variants are lists of lines: a `label`,
+A table is tasks x rows x variants x columns x seeds. A column is a minimizer (`"sam"`) or a minimizer under
+settings of its own (`{ label = "SAM, last 1/8", minimizer = "sam", sam_from = 0.875 }`: a schedule, an option).
+Rows and variants are lists of lines: a `label`,
 any RunConfig settings, and the names the published cells give them where those differ from the label
 (`paper_model`, `paper_variant`). A setting's value may be a table keyed by task (`rho = {cifar10 = 0.05,
 cifar100 = 0.1}`). Settings stack: the table's `settings`, the row's, the variant's, the preset's.
 
-Pure data: no torch and no task registry. bench.sweep.plan turns a layout into runs, bench.report into
+Pure data: no torch and no task registry. bench.tables.plan turns a layout into runs, bench.report into
 markdown; both read the tables through this module, so they agree on rows, variants and their order.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ PRESET_KEYS = {"rows", "variants", "tasks", "seeds", "settings", "synthetic", "n
 LINE_META = ("label", "paper_model", "paper_variant")  # a line's keys that are not settings
 # How the report heads our columns: the papers' own spellings (a minimizer not named here: its name in capitals).
 NAMES = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "adam": "ADAM", "gsam": "GSAM", "esam": "ESAM",
-         "looksam": "LookSAM", "fsam": "F-SAM", "samon": "SAM-ON", "sam_adaptive_all": "SAM (adaptive, all)"}
+         "looksam": "LookSAM", "fsam": "F-SAM", "samon": "SAM-ON", "sam_adaptive_all": "SAM (adaptive, all)",
+         "msam": "MSAM", "wsam": "WSAM", "sampa": "SAMPa"}
 PLAIN = {"label": ""}  # the one variant of a table without variants
 
 
@@ -48,6 +51,7 @@ class Cell:
     variant: str
     minimizer: str
     settings: dict[str, Any]
+    column: str = ""  # its column's key: the minimizer's name, or the label of a column with settings of its own
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ class Layout:
 
     @property
     def minimizers(self) -> list[str]:
-        return list(self.spec["minimizers"])
+        """The columns' keys, in order (a minimizer's name, or a column's label)."""
+        return list(columns(self.spec))
 
     @property
     def variant_column(self) -> bool:
@@ -85,8 +90,9 @@ class Layout:
                     settings = {}
                     for layer in (self.spec.get("settings", {}), row, variant, self.preset_settings):
                         settings.update(resolve(self.name, layer, task))
-                    for m in self.minimizers:
-                        yield Cell(task, row["label"], variant["label"], m, dict(settings))
+                    for key, (m, own) in columns(self.spec).items():
+                        yield Cell(task, row["label"], variant["label"], m,
+                                   {**settings, **resolve(self.name, own, task), **self.preset_settings}, key)
 
 
 def resolve(table: str, layer: dict[str, Any], task: str) -> dict[str, Any]:
@@ -100,6 +106,19 @@ def resolve(table: str, layer: dict[str, Any], task: str) -> dict[str, Any]:
                 raise UserError(f"tables.toml [{table}]: {key} = {value} names no value for task {task}; add one")
             value = value[task]
         out[key] = value
+    return out
+
+
+def columns(spec: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """key -> (minimizer, the column's own settings): `"sam"` is ("sam", {}) under key "sam";
+    `{ label = "SAM every 5", minimizer = "sam", sam_every = 5 }` is ("sam", {"sam_every": 5}) under its label.
+    A column's settings win over the table's, the row's and the variant's; the preset's win over all."""
+    out = {}
+    for m in spec["minimizers"]:
+        if isinstance(m, str):
+            out[m] = (m, {})
+        else:
+            out[m["label"]] = (m["minimizer"], {k: v for k, v in m.items() if k not in ("label", "minimizer")})
     return out
 
 
@@ -155,6 +174,12 @@ def _check(path: Path, name: str, spec: dict[str, Any]) -> None:
              f"{axis} must be a non-empty list of tables, each with a label")
         labels = [x["label"] for x in lines]
         need(len(set(labels)) == len(labels), f"repeats a label in {axis}")
+    cols = spec["minimizers"]
+    need(isinstance(cols, list) and cols and all(isinstance(c, str) or (isinstance(c, dict) and "label" in c and
+                                                   "minimizer" in c) for c in cols),
+         'minimizers must be a list of names or of tables { label = "...", minimizer = "...", <settings> }')
+    keys = [c if isinstance(c, str) else c["label"] for c in cols]
+    need(len(set(keys)) == len(keys), "repeats a column in minimizers (give each table column its own label)")
     for preset, p in spec.get("presets", {}).items():
         need(not set(p) - PRESET_KEYS, f"preset {preset} has unknown key(s) {', '.join(sorted(set(p) - PRESET_KEYS))}")
 
@@ -224,7 +249,10 @@ def paper_key(spec: dict[str, Any], task: str, row: dict, variant: dict, minimiz
 
 
 def minimizer_name(spec: dict[str, Any], minimizer: str, paper: bool = False) -> str:
-    """Our column heading of a minimizer, or (paper=True) the name its published cells use."""
+    """Our column heading of a column (a minimizer, or a labelled column: its label), or (paper=True) the name its
+    published cells use."""
+    if any(isinstance(c, dict) and c.get("label") == minimizer for c in spec.get("minimizers", [])):
+        return minimizer
     names = {**NAMES, **(spec.get("paper_minimizers", {}) if paper else {})}
     return names.get(minimizer, minimizer.upper())
 

@@ -19,8 +19,8 @@ from bench.errors import UserError
 from bench.recipes import make_config, missing_part
 from bench.registry import get_task
 from bench.store.records import result_rows
-from bench.tables.cells import ROW, VARIANT
-from bench.tables.layout import Cell, Layout, expand_names, layout, load_tables, tasks  # noqa: F401  (load_tables: re-export)
+from bench.tables.cells import COLUMN, ROW, VARIANT
+from bench.tables.layout import Cell, Layout, expand_names, layout, tasks
 from bench.train.runner import completed_run_ids
 
 PRESETS = ("full", "smoke", "demo")  # every table has some of these; a table may define presets of its own
@@ -41,6 +41,7 @@ class TablePlan:
     unplanned: dict[str, int] = field(default_factory=dict)  # cells left out: why -> how many runs
     synthetic: dict[str, int] | None = None        # `make_fake` options of the generated data
     cells: dict[str, tuple[str, str]] = field(default_factory=dict)  # run id -> (row, variant) label
+    columns: dict[str, str] = field(default_factory=dict)  # run id -> its column's key (bench.tables.layout.columns)
     sharpness: Any = None                          # bench.sharpness.Request: every run is measured after training
 
     @property
@@ -103,6 +104,7 @@ def _plan_table(tp: TablePlan, lay: Layout, n_seeds: int, where: dict[str, Any])
                                 f"{cell.row} / {cell.variant}): give its cells different settings")
             tp.runs.append(dataclasses.replace(cfg, keep_weights=True) if tp.sharpness is not None else cfg)
             tp.cells[cfg.run_id] = (cell.row, cell.variant)
+            tp.columns[cfg.run_id] = cell.column or cell.minimizer
     if not tp.runs:
         tp.skipped = "; ".join(f"{why} ({n} runs not planned)" for why, n in tp.unplanned.items())
 
@@ -196,7 +198,9 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
         for cfg in tp.todo:
             e = estimates[cfg.run_id]
             eta = f"{e[0]:.2f} GPU-h {e[1]}" if e else "speed not measured"
-            cell = " / ".join(label for label in tp.cells.get(cfg.run_id, ()) if label)
+            column = tp.columns.get(cfg.run_id, cfg.minimizer)
+            cell = " / ".join(label for label in (*tp.cells.get(cfg.run_id, ()), column if column != cfg.minimizer
+                                                  else "") if label)
             lines.append(f"  {cfg.run_id}  {f'[{cell}] ' if cell else ''}{cfg.model} {cfg.minimizer} rho={cfg.rho} "
                          f"noise={cfg.noise} epochs={cfg.epochs} seed={cfg.seed} {cfg.precision}"
                          f"{' compiled' if cfg.compile else ''} on {cfg.world_size} GPU(s)  ({eta})")
@@ -212,12 +216,13 @@ def describe(plans: list[TablePlan], results_dir: str | Path) -> list[str]:
 def planned_settings(tables: dict[str, dict], presets: list[str]) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """What `bench report` holds runs against: table -> preset -> the settings (`RunConfig.identity()`) of
     every run `bench reproduce --preset PRESET` plans for that table, each with the labels of its cell's
-    row and variant (bench.cells.ROW, VARIANT). A table takes a plan from each given preset it has; a table
+    row and variant (bench.tables.cells.ROW, VARIANT). A table takes a plan from each given preset it has; a table
     without any, or none of whose cells can be built yet, plans nothing."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for preset in dict.fromkeys(presets):  # a preset given twice counts once
         for tp in plan(tables, [], preset, workers=0, force=True):  # force: no need to read the results
             if tp.runs:
                 out.setdefault(tp.name, {})[preset] = [
-                    {**c.identity(), ROW: tp.cells[c.run_id][0], VARIANT: tp.cells[c.run_id][1]} for c in tp.runs]
+                    {**c.identity(), ROW: tp.cells[c.run_id][0], VARIANT: tp.cells[c.run_id][1],
+                     COLUMN: tp.columns[c.run_id]} for c in tp.runs]
     return out

@@ -1,6 +1,6 @@
 """The training loop. It knows no task: it gets a RunConfig and a Job (model, loaders, loss, evaluate).
 
-One step = `minimizer.step(batch)`, where `batch` (bench.batch.Batch) runs the passes the minimizer asks
+One step = `minimizer.step(batch)`, where `batch` (bench.train.batch.Batch) runs the passes the minimizer asks
 for on the step's examples and returns the loss and outputs (training metrics come from the unperturbed
 pass, as in the official code). SGD runs one pass, SAM/ASAM two, the variants what they need; the batch
 counts every forward and backward (the row's passes per step) and does accumulation and fp16 scaling.
@@ -29,6 +29,7 @@ from bench.task import Job
 from bench.train.batch import forward
 from bench.train.control import Interrupted, StopFlag, stop_asked
 from bench.train.runtime import autocast_for
+from bench.train.schedule import switches_now
 from bench.train.state import TrainState, checkpoint_due, flush, loader_len, resume, save, setup
 from bench.train.step import compute_spent, loop_step, sync
 
@@ -72,6 +73,8 @@ def run_epoch(st: TrainState, epoch: int, reporter: Reporter) -> tuple[dict[str,
     count = job.count or (lambda y: y.shape[0])
     autocast = autocast_for(cfg.precision, device)
     st.net.train()
+    if switches_now(cfg, epoch - 1):  # late-phase SAM starts with a fresh base optimizer (bench.train.schedule)
+        st.base.state.clear()
     set_epoch(job.train_loader, epoch - 1)
     reporter.start_epoch(epoch, cfg.epochs, loader_len(job.train_loader))
     lr = st.base.param_groups[0]["lr"]
@@ -160,10 +163,14 @@ def final_gap(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def per_step(st: TrainState) -> dict[str, Any]:
-    """The row's cost figures: passes (and forward / backward examples) per step in batches, in all."""
+    """The row's cost figures: passes (and forward / backward examples) per step in batches, in all;
+    `parallel_passes_per_step`: the passes on a step's critical path were its independent passes run on devices of
+    their own (SAMPa's claim: its `parallel_passes`), beside the passes it spent here."""
     c, steps = st.cost, max(st.cost.steps, 1)
-    out = {"passes_per_step": c.passes() / steps, "fwd_per_step": c.fwd / steps, "bwd_per_step": c.bwd / steps,
-           "passes_total": c.passes(), "steps": c.steps}
+    mz = st.minimizer
+    share = getattr(mz, "parallel_passes", mz.passes) / mz.passes  # SAMPa: its two passes run side by side
+    out = {"passes_per_step": c.passes() / steps, "parallel_passes_per_step": share * c.passes() / steps,
+           "fwd_per_step": c.fwd / steps, "bwd_per_step": c.bwd / steps, "passes_total": c.passes(), "steps": c.steps}
     if st.minimizer.scaler is not None:
         out["skipped_steps"] = st.minimizer.scaler.skipped
     return out

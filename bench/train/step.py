@@ -1,4 +1,4 @@
-"""One optimizer step of the training loop, as `bench.engine.run_epoch` runs it: the step's `Batch` (the passes
+"""One optimizer step of the training loop, as `bench.train.loop.run_epoch` runs it: the step's `Batch` (the passes
 the minimizer asks for), m-sharpness chunks, the surrogate gap, the compute spent, the compiled model's first
 step timed apart and the last partial batch run uncompiled. The engine's state (`TrainState`) is passed in."""
 from __future__ import annotations
@@ -11,6 +11,7 @@ from torch import nn
 
 from bench import distributed as D
 from bench.train.batch import Batch
+from bench.train.schedule import two_pass
 
 if TYPE_CHECKING:
     from bench.train.state import TrainState
@@ -62,6 +63,7 @@ def train_step(st: TrainState, x, y, autocast, gap: torch.Tensor | None = None):
     chunks' second gradients (SAM paper, section 4.1). `gap`, a (2,) float64 tensor on the device, gets the
     step's surrogate gap and 1 added when the step measured one (`add_gap`)."""
     cfg, job, mz = st.cfg, st.job, st.minimizer
+    gap = gap if mz.reports_gap else None
     if st.shakes is None:  # once per run, not per step: a walk over every module of the model
         st.shakes = [m for m in st.model.modules() if hasattr(m, "true_gradient")] if cfg.true_gradient else []
     ddp = isinstance(st.net, nn.parallel.DistributedDataParallel)
@@ -70,7 +72,11 @@ def train_step(st: TrainState, x, y, autocast, gap: torch.Tensor | None = None):
                   weight=global_count_weight(job.count, y) if ddp else 1.0,
                   local_ascent=not (cfg.sync_perturbation or mz.ascent_sync), shakes=tuple(st.shakes),
                   extra_loss=(lambda: l2_term(st.model, cfg.weight_decay)) if cfg.weight_decay_style == "loss" else None)
+    step = st.cost.steps
     st.cost.steps += 1
+    if (cfg.sam_from or cfg.sam_every > 1) and not two_pass(cfg, st.epoch, step):  # the base optimizer's plain step
+        out = mz.plain_step(batch)
+        return out.loss, out.out
     if not (mz.supports_chunks and cfg.m and cfg.m < batch.n):
         out = mz.step(batch)
         add_gap(gap, [(1.0, batch)])
@@ -112,7 +118,7 @@ def add_gap(acc: torch.Tensor | None, weighted: list[tuple[float, Batch]]) -> No
 
 def compute_spent(st: TrainState) -> dict[str, Any]:
     """The compute a run has spent so far, for epoch logs: `passes`, SGD steps of equal compute
-    (bench.batch.Cost.passes), the examples run forward and backward, steps, wall seconds of training,
+    (bench.train.batch.Cost.passes), the examples run forward and backward, steps, wall seconds of training,
     fp16's skipped steps."""
     c = st.cost
     out = {"passes": c.passes(), "fwd_examples": c.fwd_examples, "bwd_examples": c.bwd_examples, "steps": c.steps,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.minimizers import ASAM, SAM, Minimizer, create_minimizer, Switches
+from bench.minimizers import ASAM, SAM, Minimizer, Switches, create_minimizer
 
 
 class TwoParams(nn.Module):

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.train.batch import Batch, Cost
 from bench.errors import UserError
-from bench.minimizers import ASAM, create_minimizer, Switches
+from bench.minimizers import ASAM, Switches, create_minimizer
 from bench.minimizers.esam import ESAM, selection_size, sharpest, swp_mask
 from bench.minimizers.sam_adaptive_all import SAMAdaptiveAll
 from bench.minimizers.samon import SAMON, norm_parameters
+from bench.train.batch import Batch, Cost
 
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -343,8 +343,8 @@ def test_defaults_and_edges_accepted():
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_image_task_per_example_loss_is_the_training_loss(fake_cifar10, smoothing):
-    from bench.registry import get_task
     from bench.recipes import make_config
+    from bench.registry import get_task
     cfg = make_config("cifar10", minimizer="esam", data_dir=str(fake_cifar10), workers=0,
                       label_smoothing=smoothing)
     job = get_task("cifar10").build(cfg, torch.device("cpu"))
@@ -361,8 +361,8 @@ def test_image_task_per_example_loss_is_the_training_loss(fake_cifar10, smoothin
 
 
 def test_digits_per_example_loss_is_the_training_loss():
-    from bench.registry import get_task
     from bench.recipes import make_config
+    from bench.registry import get_task
     cfg = make_config("digits-noise", minimizer="esam", label_smoothing=0.1)
     job = get_task("digits-noise").build(cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
@@ -371,8 +371,8 @@ def test_digits_per_example_loss_is_the_training_loss():
 
 
 def test_imagenet_per_example_loss_is_the_training_loss(tmp_path):
-    from bench.registry import get_task
     from bench.recipes import make_config
+    from bench.registry import get_task
     from tasks.imagenet import write_fake_imagenet
     write_fake_imagenet(str(tmp_path), 2, 2, 0)
     cfg = make_config("imagenet", minimizer="esam", model="resnet10t", data_dir=str(tmp_path), workers=0,

@@ -5,43 +5,21 @@ import math
 
 import pytest
 import torch
+from tiny import LoggedBatch, X, Y, closure_for, mlp, train_with_frozen_and_unused, weights
 from torch import nn
 from torch.nn import functional as F
 
-from bench.train.batch import Batch, Cost
-from bench.minimizers import MINIMIZERS, SAM, LossScaler, create_minimizer, Switches
+from bench.minimizers import MINIMIZERS, SAM, LossScaler, Switches, create_minimizer
 from bench.minimizers.fsam import FSAM
 from bench.minimizers.gsam import GSAM
 from bench.minimizers.looksam import LookSAM
+from bench.train.batch import Cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- a tiny float64 model and its reference maths
 
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
-def data(seed=1, n=16):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
-
-
-X, Y = data()
-
-
-def closure_for(net, x=X, y=Y):
-    def closure():
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        return loss.detach()
-    return closure
-
-
-def weights(net):
-    return [p.detach().clone() for p in net.parameters()]
 
 
 def ref_grad(ws, x=X, y=Y):
@@ -193,16 +171,6 @@ def test_registered():
         assert "arXiv" in cls.Hparams.__doc__ and "rho" in cls.Hparams.__dataclass_fields__
 
 
-class LoggedBatch(Batch):
-    def __init__(self, *args, kinds, **kw):
-        super().__init__(*args, **kw)
-        self.kinds = kinds
-
-    def __call__(self, kind="plain", **kw):
-        self.kinds.append(kind)
-        return super().__call__(kind, **kw)
-
-
 @pytest.mark.parametrize("name,opts,steps,passes,kinds", [
     ("gsam", {}, 2, 4, ["ascent", "descent"] * 2),
     ("looksam", {"k": 2}, 4, 6, ["ascent", "descent", "plain"] * 2),
@@ -319,14 +287,4 @@ def test_state_dict_round_trip(name, opts, other):
 
 @pytest.mark.parametrize("name", ["gsam", "looksam", "fsam"])
 def test_frozen_and_unused_parameters_untouched(name):
-    net = mlp()
-    net.register_parameter("unused", nn.Parameter(torch.ones(3, dtype=torch.float64)))
-    net[0].weight.requires_grad_(False)
-    frozen, unused = net[0].weight.detach().clone(), net.unused.detach().clone()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = create_minimizer(name, torch.optim.SGD(params, lr=0.1, momentum=0.9), net, rho=0.3, **({"k": 2} if name == "looksam" else {}))
-    before = net[2].weight.detach().clone()
-    for _ in range(4):
-        opt.step(closure_for(net))
-    assert torch.equal(net[0].weight, frozen) and torch.equal(net.unused, unused)
-    assert not torch.equal(net[2].weight, before)
+    train_with_frozen_and_unused(name, 4, **({"k": 2} if name == "looksam" else {}))

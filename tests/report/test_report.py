@@ -193,8 +193,8 @@ def test_runs_of_tasks_no_plan_covers_are_other_runs(tmp_path, targets, tables):
     assert "No table in tables.toml covers task mnist; its runs are told apart by the settings that vary" in other
     assert row(other, "lenet") == ["lenet", "sgd", "lr=0.1", "–", "98.00 ± 1.41 (2)"]
     assert "| lenet | sgd | lr=0.2 | – | 98.00 (1) |" in other
-    assert ("No table plans task digits-noise for preset full (table demo has preset demo; table asam-correlation "
-            "has preset demo)") in other
+    assert ("No table plans task digits-noise for preset full (table demo has preset demo; table frontier has preset "
+            "frontier; table asam-correlation has preset demo)") in other
     assert row(other, "mlp") == ["mlp", "sgd", "40 %", "–", "–", "96.00 (1)", "–"]  # the study's final_test_acc too
     assert other.index("### digits-noise") < other.index("### mnist")  # tables' tasks first
     assert DEMO not in md
