@@ -15,7 +15,7 @@ def invoke(*args):
 def test_list_shows_tasks_models_minimizers_defaults():
     r = invoke("list")
     assert r.exit_code == 0, r.output
-    for word in ("cifar10", "cifar100", "resnet20", "wrn28_10", "sam rho=0.05", "asam rho=0.5", "asam rho=1.0 eta=0.01",
+    for word in ("cifar10", "cifar100", "resnet20", "wrn28_10", "sam rho=0.05", "asam rho=0.5", "asam rho=1.0 eta=0.0",
                  "lr=0.1", "epochs=200", "gsam", "alpha=", "Zhuang", "esam", "looksam", "fsam", "samon",
                  "sam_adaptive_all"):
         assert word in r.output
@@ -37,7 +37,7 @@ def test_runs_append_one_row_each(three_runs):
     results, outputs = three_runs
     df = pd.read_csv(results / "cifar10.csv")
     assert list(df.minimizer) == ["sgd", "sam", "asam"]
-    assert list(df.rho) == [0.0, 0.05, 0.5] and list(df.eta) == [0.0, 0.0, 0.01]
+    assert list(df.rho) == [0.0, 0.05, 0.5] and list(df.eta) == [0.0, 0.0, 0.0]
     for col in ("run_id", "status", "seed", "model", "lr", "weight_decay", "batch_size", "max_test_acc",
                 "final_test_acc", "wall_time_s", "images_per_s", "device_name", "torch_version", "git_commit",
                 "synthetic", "train_size"):

@@ -67,7 +67,7 @@ def test_recipe_defaults_per_dataset():
     a10 = make_config("cifar10", minimizer="asam")
     a100 = make_config("cifar100", minimizer="asam")
     assert (c10.rho, c100.rho, a10.rho, a100.rho) == (0.05, 0.10, 0.5, 1.0)
-    assert (a10.eta, c10.eta) == (0.01, 0.0)
+    assert (a10.eta, a100.eta, c10.eta) == (0.0, 0.0, 0.0)  # ASAM's eta as released: example_cifar.py's --eta 0.0
     assert (c10.lr, c10.momentum, c10.weight_decay, c10.batch_size, c10.epochs) == (0.1, 0.9, 5e-4, 128, 200)
     assert (c10.label_smoothing, c10.schedule, c10.nesterov, c10.model) == (0.1, "cosine", False, "resnet20")
     sgd = make_config("cifar10", minimizer="sgd", lr=0.05, epochs=3)

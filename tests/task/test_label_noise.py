@@ -50,7 +50,7 @@ def test_same_noisy_labels_for_every_minimizer_and_run_seed(fake_cifar10):
 
 def test_defaults_and_noise_refused_elsewhere():
     cfg = make_config("cifar10-noise", minimizer="asam")
-    assert (cfg.model, cfg.noise, cfg.rho, cfg.eta) == ("resnet32", 0.2, 1.0, 0.01)
+    assert (cfg.model, cfg.noise, cfg.rho, cfg.eta) == ("resnet32", 0.2, 1.0, 0.0)
     r = CliRunner().invoke(app, ["run", "cifar10", "--noise", "0.4"])
     assert r.exit_code == 2 and "--noise does not apply to task cifar10" in r.output
     r = CliRunner().invoke(app, ["run", "cifar10-noise", "--noise", "1.5"])
