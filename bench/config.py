@@ -113,6 +113,11 @@ class RunConfig:
         return cls(**settings, mopts=mopts, topts=topts)
 
     @property
+    def scheduled(self) -> bool:
+        """--sam-from or --sam-every is set: some steps are the base optimizer's alone (bench.train.schedule)."""
+        return bool(self.sam_from) or self.sam_every > 1
+
+    @property
     def per_replica_batch(self) -> int:
         return self.batch_size // self.world_size
 

@@ -70,7 +70,7 @@ def check_chunks(cfg: RunConfig) -> None:
 
 def check_schedule(cfg: RunConfig) -> None:
     """--sam-from / --sam-every need a minimizer whose step is a two-pass perturbation a plain step may replace."""
-    if not (cfg.sam_from or cfg.sam_every > 1):
+    if not cfg.scheduled:
         return
     cls = MINIMIZERS.get(cfg.minimizer)
     if cls is None or not cls.schedulable:

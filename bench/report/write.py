@@ -77,6 +77,12 @@ def _study_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, p
     return "\n" + "\n".join(head + links).rstrip() + "\n" if links else ""
 
 
+def _cell_png(out: Path, kind: str, table: str, preset: str, view, fake: bool) -> str:
+    """The file name of one cell's plot of `kind` (compute, frontier), beside the report."""
+    parts = [out.stem, kind, table, preset, view.task, view.row, view.variant, "synthetic" * fake]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)) + ".png"
+
+
 def _compute_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, plans: Plans, out: Path,
                    plots: list | None) -> str:
     """Accuracy against compute, one PNG per cell of a table section with compute logs (those of `plots`'
@@ -92,13 +98,11 @@ def _compute_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict,
                 continue
             made += 1
             cell = " / ".join(x for x in labels(t, lay, view) if x)
-            parts = [out.stem, "compute", lay.name, preset, view.task, view.row, view.variant, "synthetic" * fake]
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)) + ".png"
+            name, front = (_cell_png(out, kind, lay.name, preset, view, fake) for kind in ("compute", "frontier"))
             plot_compute(view, f"{lay.name}: {cell}" + (" (synthetic data)" if fake else ""),
                          lambda fig: save_png(fig, out.with_name(name)))
             what = f"{lay.name}{suffix}: {cell}" + (" — synthetic data" if fake else "")
             links += [f"### {what}", "", f"![{what}]({name})", ""]
-            front = name.replace("-compute-", "-frontier-", 1)
             if plot_frontier(view, f"{lay.name}: {cell}, frontier" + (" (synthetic data)" if fake else ""),
                              lambda fig: save_png(fig, out.with_name(front))):
                 links += [f"![{what}: frontier]({front})", ""]

@@ -74,7 +74,7 @@ def train_step(st: TrainState, x, y, autocast, gap: torch.Tensor | None = None):
                   extra_loss=(lambda: l2_term(st.model, cfg.weight_decay)) if cfg.weight_decay_style == "loss" else None)
     step = st.cost.steps
     st.cost.steps += 1
-    if (cfg.sam_from or cfg.sam_every > 1) and not two_pass(cfg, st.epoch, step):  # the base optimizer's plain step
+    if cfg.scheduled and not two_pass(cfg, st.epoch, step):  # the base optimizer's plain step
         out = mz.plain_step(batch)
         return out.loss, out.out
     if not (mz.supports_chunks and cfg.m and cfg.m < batch.n):
