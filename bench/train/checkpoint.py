@@ -177,6 +177,17 @@ class Writer:
         except BaseException as e:  # noqa: BLE001 - handed to the training thread at its next wait()
             self._error = e
 
+    def settle(self) -> BaseException | None:
+        """Block until the write under way is on disk and hand back its error instead of raising it: for a
+        training thread that is already failing, whose own error is the one to report. Without this, a caller
+        that catches the failure (a retry, a sweep) could look for the checkpoint while it is still being
+        written and find the one before it, or none."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        return error
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()

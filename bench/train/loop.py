@@ -196,6 +196,18 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
     st.tracker = tracker
     if checkpoint is not None and checkpoint.exists():
         resume(st, checkpoint)
+    try:
+        _epochs(st, reporter, checkpoint, on_epoch, stop)
+    except BaseException:
+        st.writer.settle()  # a crash leaves the last checkpoint whole on disk before anyone looks for it
+        raise
+    flush(st)
+    return summarize(st)
+
+
+def _epochs(st: TrainState, reporter: Reporter, checkpoint: Path | None, on_epoch, stop: StopFlag | None) -> None:
+    """`train`'s epochs, from the state's epoch to the last (or a divergence, or a stop)."""
+    cfg, tracker = st.cfg, st.tracker
     while st.status == "ok" and st.epoch < cfg.epochs:
         metrics, timing = run_epoch(st, st.epoch + 1, reporter)
         evaluate_epoch(st, metrics, timing)
@@ -214,7 +226,5 @@ def train(cfg: RunConfig, job: Job, device: torch.device, reporter: Reporter | N
         if stopping:
             flush(st)
             raise Interrupted(f"stopped after epoch {st.epoch} of {cfg.epochs}")
-    flush(st)
-    return summarize(st)
 
 

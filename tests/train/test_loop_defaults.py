@@ -2,6 +2,7 @@
 (resuming to the same result), evaluation under the training precision, the compiled model's partial batch
 run uncompiled, cudnn.benchmark and TF32 recorded; `--fast` and `--checkpoint-every` refusals."""
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -53,8 +54,14 @@ def test_a_stop_checkpoints_off_schedule(tmp_path, monkeypatch):
     assert epochs == [1] and ckpt.load(tmp_path / "c.pt", tiny_cfg(epochs=4).run_id)["epoch"] == 1
 
 
-def test_a_crash_between_checkpoints_resumes_to_the_same_result(tmp_path):
+def test_a_crash_between_checkpoints_resumes_to_the_same_result(tmp_path, monkeypatch):
     cfg = tiny_cfg(epochs=4, checkpoint_every=2)
+    real_save = ckpt.save
+
+    def slow_save(path, state):  # a slow disk: the crash comes while epoch 2's write is still under way
+        time.sleep(0.5)
+        real_save(path, state)
+    monkeypatch.setattr(ckpt, "save", slow_save)
     straight_job = fresh_process_job(cfg, 0)
     straight = train(cfg, straight_job, CPU)
 
