@@ -48,8 +48,10 @@ def report_cmd(
                 raise UserError(f"--plot takes TASK:MODEL, got {bad[0]!r}")
             pairs = [tuple(p.split(":", 1)) for p in plot]
         # The plans come from here (they need the task registry); the report itself stays torch-free.
-        plans = planned_settings(load_plan_tables(tables_file()), preset or ["full"])
-        text = write_report(results_dir, out_path, targets_path, tables_file(), plans, plots=pairs)
+        tables = load_plan_tables(tables_file())
+        plans = planned_settings(tables, preset or ["full"])
+        full = plans if "full" in (preset or ["full"]) else planned_settings(tables, ["full"])  # the summary's
+        text = write_report(results_dir, out_path, targets_path, tables_file(), plans, plots=pairs, full_plans=full)
         console.print(text, highlight=False, markup=False)
         console.print(f"wrote {out_path}", highlight=False)
 

@@ -36,7 +36,9 @@ READING = ("Mean over seeds, each run against the SGD run of its seed: its test 
            "SGD's total passes, and the passes it took to reach SGD's final test accuracy ÷ SGD's total (`(k of n)`: "
            "only k of the n seeds compared have a figure; –: no SGD run to compare with). A pass is a "
            "forward+backward over a batch, a forward alone counting 1/3; `(k parallel)`: the passes per step on the "
-           "critical path when a step's independent passes run on devices of their own (SAMPa). Final accuracy: mean "
+           "critical path when a step's independent passes run on devices of their own (SAMPa). wall s/epoch: the median "
+           "of a run's epochs' training seconds (evaluation excluded), mean over seeds; `(a–b)`: the seeds' range, "
+           "shown where they differ more than 1.5×, as when the machine was shared. Final accuracy: mean "
            "± standard deviation over seeds. **frontier**: no other line of the cell reaches at least its mean final "
            "accuracy with no more passes in all (one of the two strictly better).")
 
@@ -142,12 +144,23 @@ def line_cells(line: Line) -> list[str]:
     acc = f"{_mean(accs):.2f}{_of(len(accs), len(pairs))}" if accs else DASH
     ratio = (f"{_mean(ratios):.2f}×{_of(len(ratios), len(pairs))}" if ratios
              else "not reached" if pairs else DASH)
-    wall = _mean([c["wall_s"] / c["epochs"] for c in costs])
+    walls = [c["epoch_s"] for c in costs]
+    wall = _mean(walls)
     per_step = _mean([c["passes"] / c["steps"] for c in costs])
     share = _mean(line.parallel_shares) if line.parallel_shares else 1.0
     passes = f"{per_step:.2f}" + (f" ({per_step * share:.2f} parallel)" if abs(share - 1) > 1e-9 else "")
-    return [acc, ratio, passes, DASH if wall != wall else f"{wall:.2f}" if wall < 10 else f"{wall:.1f}",
-            str(len(costs))]
+    return [acc, ratio, passes, _seconds(wall) + _spread(walls), str(len(costs))]
+
+
+def _seconds(s: float) -> str:
+    return DASH if s != s else f"{s:.2f}" if s < 10 else f"{s:.1f}"
+
+
+def _spread(walls: list[float]) -> str:
+    """The seeds' range where their epochs took more than 1.5 times as long as each other's: the machine was
+    shared while some of them ran (or they ran on different machines), and the mean says little."""
+    ok = [w for w in walls if w == w and w > 0]
+    return f" ({_seconds(min(ok))}–{_seconds(max(ok))})" if len(ok) > 1 and max(ok) > 1.5 * min(ok) else ""
 
 
 def frontier_cells(view: CellView) -> dict[str, list[str]]:

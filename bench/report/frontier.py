@@ -22,7 +22,7 @@ class Point:
     acc: float          # mean final test accuracy (%)
     acc_sd: float       # its standard deviation over seeds (0 for one)
     passes: float       # mean total passes
-    wall: float         # mean total training seconds
+    wall: float         # mean training seconds in all, of typical epochs (bench.store.history.epoch_seconds)
     parallel: float     # mean total passes on the critical path of a multi-device run (SAMPa), else = passes
     seeds: int
 
@@ -43,7 +43,7 @@ def points(view: Any) -> list[Point]:
         shares = line.parallel_shares or [1.0] * len(logs)
         passes = [c["passes"] for c in costs]
         out.append(Point(line.label, statistics.fmean(accs), _sd(accs), statistics.fmean(passes),
-                         statistics.fmean(c["wall_s"] for c in costs),
+                         statistics.fmean(c["epoch_s"] * c["epochs"] for c in costs),
                          statistics.fmean(p * s for p, s in zip(passes, shares)), len(logs)))
     return out
 

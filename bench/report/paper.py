@@ -51,7 +51,7 @@ def _better_epochs(runs: pd.DataFrame, column: str) -> tuple[pd.DataFrame, float
     return runs[pd.to_numeric(runs["epochs"]) == best], float(best)
 
 
-def _paper_cell(fig: dict | None) -> tuple[str, float | None, str]:
+def paper_cell(fig: dict | None) -> tuple[str, float | None, str]:
     """(text, mean, mark): the published figure as printed, its spread as given, marked by its confidence."""
     if fig is None:
         return "n/a", None, ""
@@ -76,11 +76,11 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["---"] * len(header)), *map(line, rows), ""]
 
 
-def _footnotes(marks: set[str]) -> list[str]:
+def footnotes(marks: set[str]) -> list[str]:
     return [line for mark, text in NOTES.items() if mark in marks for line in (text, "")]
 
 
-def _by_cell(lay: Layout, preset: str, runs: pd.DataFrame, column: str) -> dict[tuple, tuple]:
+def by_cell(lay: Layout, preset: str, runs: pd.DataFrame, column: str) -> dict[tuple, tuple]:
     """The table's runs by cell: (task, row, variant, column) -> (its runs, None), or for a doubled SGD
     cell (the runs at the better epochs, those epochs)."""
     keys = [(r["task"], *r["cells"][(lay.name, preset)]) for r in runs.to_dict("records")]
@@ -101,17 +101,19 @@ def _header(t: dict, lay: Layout, split: bool, with_paper: bool) -> list[str]:
 
 
 def table_section(t: dict, lay: Layout, runs: pd.DataFrame, figs: dict, synthetic: bool,
-                  preset: str = PAPER_PRESET, suffix: str = "") -> list[str]:
-    """One table under one preset: rows x variants down, tasks x minimizers across (ours, paper, Δ)."""
+                  preset: str = PAPER_PRESET, suffix: str = "", level: int = 2) -> list[str]:
+    """One table under one preset: rows x variants down, tasks x minimizers across (ours, paper, Δ); its
+    heading at markdown `level` (3 under the pipeline checks' heading)."""
     # The paper's figures stand beside full-preset cells of a paper that has published cells (the demos and
     # the variants table have none: ours alone, no empty paper column).
     # A sharpness study's published figures are its correlations, which its own section prints (bench.report.sharpness).
     with_paper = (not synthetic and preset == PAPER_PRESET and any(k[0] == t.get("paper", "") for k in figs)
                   and "sharpness" not in t)
-    out = [f"## {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""] + ([lay.note, ""] if lay.note else [])
+    out = [f"{'#' * level} {t['title']}{suffix}{SYNTHETIC if synthetic else ''}", ""]
+    out += [lay.note, ""] if lay.note else []
     split = lay.variant_column
     mets = metrics(t)
-    cells = _by_cell(lay, preset, runs, mets[0].column)  # a doubled cell's epochs: by the first metric
+    cells = by_cell(lay, preset, runs, mets[0].column)  # a doubled cell's epochs: by the first metric
     style = dict(error=t.get("value") == "error", ci=t.get("spread") == "ci95")
     for metric in mets:
         if len(mets) > 1:
@@ -129,11 +131,11 @@ def table_section(t: dict, lay: Layout, runs: pd.DataFrame, figs: dict, syntheti
                     line.append(text)
                     if with_paper:
                         key = paper_key(t, task, row, var, minimizer_name(t, m, paper=True), metric)
-                        ptext, pmean, mark = _paper_cell(figs.get(key))
+                        ptext, pmean, mark = paper_cell(figs.get(key))
                         marks.add(mark)
                         line += [ptext, _delta(mean, pmean)]
                 body.append(line)
-        out += md_table(_header(t, lay, split, with_paper), body) + _footnotes(marks)
+        out += md_table(_header(t, lay, split, with_paper), body) + footnotes(marks)
     return out + _how_to_read(t, lay, mets) + (_references(t, lay, figs, mets[0]) if with_paper else [])
 
 
@@ -165,9 +167,9 @@ def _references(t: dict, lay: Layout, figs: dict, metric: Metric) -> list[str]:
         line = [ref["minimizer"]]
         for task, row, var in cols:
             row = {**row, **{k: v for k, v in ref.items() if k == "paper_model"}}
-            text, _, mark = _paper_cell(figs.get(paper_key(t, task, row, var, ref["minimizer"], metric)))
+            text, _, mark = paper_cell(figs.get(paper_key(t, task, row, var, ref["minimizer"], metric)))
             line.append(text)
             marks.add(mark)
         body.append(line)
     return (["**Other methods, as the paper printed them** (published figures, not runs of ours)", ""]
-            + md_table(header, body) + _footnotes(marks))
+            + md_table(header, body) + footnotes(marks))

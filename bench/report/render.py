@@ -14,7 +14,12 @@ Like beside like, because a reader takes a cell for "this recipe, over seeds":
   papers' figures and the difference to them stand only beside cells of the `full` preset (the papers'
   recipes) of a paper with published cells; a smoke or demo cell, or a table of no paper (variants), has
   nothing to be compared with.
-- Every table section ends with its equal-compute view (bench.report.compute): per cell, each minimizer
+- The report opens with what reproduced (bench.report.summary): per paper table, how many of its published
+  cells have full-recipe runs on real data and how many of those agree with the paper, then those cells.
+- Real data first: the pipeline checks (the smoke preset's sections, every section on synthetic data, other
+  runs on synthetic data) close the report under one heading, ours alone: no paper figures, no
+  equal-compute view, no study, no plots.
+- Every section of real data ends with its equal-compute view (bench.report.compute): per cell, each minimizer
   against the SGD run of its seed at SGD's compute, from the epoch logs; a PNG per cell beside the report.
 - Every other run is still shown, under "Other runs": one line per exact setting (its seeds averaged),
   saying in which settings it differs from the planned run of the same task/model/minimizer/noise, else
@@ -24,7 +29,8 @@ Like beside like, because a reader takes a cell for "this recipe, over seeds":
   run used unless that default has changed since.
 - Synthetic-data runs are a pipeline check: never averaged with real-data runs nor set beside the paper's
   figures.
-- Curves draw one line per exact setting too: seeds averaged, different settings never.
+- Curves draw one line per exact setting too: seeds averaged, different settings never; runs on synthetic data
+  are never drawn.
 
 Each paper's table prints our cells as that paper printed its own (accuracy ± std for ASAM, error ± 95 %
 confidence interval for SAM) and the published figures as the CSV spells them: bench.report.paper.
@@ -40,8 +46,15 @@ from bench.report.curves import ORDER
 from bench.report.load import normalise
 from bench.report.paper import DASH, PAPER_PRESET, figures, md_table, ours, table_section
 from bench.report.sharpness import study_section
+from bench.report.summary import summary_section
 from bench.tables.cells import Plans, match_plans, pct, presets
 from bench.tables.layout import layout, metrics, models, tasks
+
+SMOKE = "smoke"  # the preset of pipeline checks: CPU-sized stand-ins on synthetic data
+CHECKS = "## Pipeline checks on synthetic data: their numbers say nothing about the papers"
+CHECKS_NOTE = ("The smoke preset's runs (CPU-sized stand-in models, an epoch or two, on generated data) and every "
+               "run on synthetic data: they check that a table's runs go through the whole pipeline, nothing more. "
+               "Ours alone, only the cells that ran: no paper figures, no equal-compute view, no plots.")
 
 
 def _failed_section(results: pd.DataFrame) -> list[str]:
@@ -57,9 +70,20 @@ def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, pl
                   source: str | None = None) -> str:
     """The report as markdown. `plans`: table -> preset -> settings of each planned run (see the module
     docstring). `source` names the results folder (default: the one load_results read)."""
+    main, checks = render_parts(results, targets, tables, plans, source)
+    return main + checks
+
+
+def render_parts(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, plans: Plans,
+                 source: str | None = None, full_plans: Plans | None = None) -> tuple[str, str]:
+    """The report in two parts: what it says about the papers (what reproduced, then the real-data sections,
+    other and failed runs), and the pipeline checks that close it ("" when there are none); `bench report`
+    puts its plots between the two. `full_plans`: the full preset's plans, for the opening summary whatever
+    presets the sections show (default: `plans`)."""
     source = source or results.attrs.get("results_dir", "?")
     plans = {name: p for name, p in plans.items() if name in tables}  # a cell needs its table to be shown
     results = match_plans(normalise(results), plans)
+    folder = results.attrs.get("results_dir")
     counts = results["status"].value_counts()
     order = sorted(counts.index, key=lambda s: (["ok", "diverged", "failed", s].index(s), s))
     status = ", ".join(f"{counts[s]} {s}" for s in order)
@@ -71,13 +95,29 @@ def render_report(results: pd.DataFrame, targets: pd.DataFrame, tables: dict, pl
                                                f"{'are' if len(others) > 1 else 'is'} under Other runs."
                                                if len(others) else "."), ""]
     figs = figures(targets)
+    summary_runs = results if full_plans is None else match_plans(results, {
+        name: p for name, p in full_plans.items() if name in tables})
+    out += summary_section(summary_runs, tables, plans if full_plans is None else full_plans, figs, folder)
+    checks = []
     for t, lay, preset, part, fake, suffix in sections(results, tables, plans):
+        if is_check(preset, fake):  # ours alone, at the end: no paper, no equal-compute view, no study
+            checks += table_section(t, lay, part, figs, synthetic=fake, preset=preset, suffix=suffix, level=3)
+            continue
         out += table_section(t, lay, part, figs, synthetic=fake, preset=preset, suffix=suffix)
-        out += compute_view(t, lay, preset, part, results.attrs.get("results_dir"))
-        out += study_section(t, lay, part, results.attrs.get("results_dir"), figs,
-                             with_paper=preset == PAPER_PRESET and not fake)
-    out += _other_section(others, tables, plans) + _failed_section(results)
-    return "\n".join(out).rstrip() + "\n"
+        out += compute_view(t, lay, preset, part, folder)
+        out += study_section(t, lay, part, folder, figs, with_paper=preset == PAPER_PRESET)
+    fake = others["synthetic"].astype(bool)
+    out += _other_section(others[~fake], tables, plans) + _failed_section(results)
+    checks += _other_section(others[fake], tables, plans, level=3)
+    if checks:
+        checks = ["", CHECKS, "", CHECKS_NOTE, ""] + checks
+    return "\n".join(out).rstrip() + "\n", "\n".join(checks).rstrip() + "\n" if checks else ""
+
+
+def is_check(preset: str, synthetic: bool) -> bool:
+    """Whether a table section is a pipeline check (the smoke preset's, or one on synthetic data): the
+    report's last part, ours alone, no plots."""
+    return synthetic or preset == SMOKE
 
 
 def sections(results: pd.DataFrame, tables: dict, plans: Plans) -> Iterator[tuple]:
@@ -106,12 +146,14 @@ def _unplanned(task: str, tables: dict, given: list[str]) -> str:
     return why + "; its runs are told apart by the settings that vary among them."
 
 
-def _other_section(others: pd.DataFrame, tables: dict, plans: Plans) -> list[str]:
-    """Runs in no cell, one line per exact setting (seeds averaged), by task and kind of data."""
+def _other_section(others: pd.DataFrame, tables: dict, plans: Plans, level: int = 2) -> list[str]:
+    """Runs in no cell, one line per exact setting (seeds averaged), by task and kind of data; under the
+    pipeline checks (`level` 3), those on synthetic data."""
     if others.empty:
         return []
-    out = ["## Other runs", "", "Runs no plan above names, so they are in no cell: one line per setting, with "
-           "the settings in which it differs from the planned run it is compared with.", ""]
+    out = [f"{'#' * level} Other runs" + (" on synthetic data" if level > 2 else ""), "",
+           ("Runs no plan above names, so they are in no cell: one line per setting, with the settings in which it "
+            "differs from the planned run it is compared with."), ""]
     task_rank = _rank(task for t in tables.values() for task in tasks(t))
     model_rank = _rank(m for t in tables.values() for m in models(t))
     mins = _rank(ORDER)
@@ -121,7 +163,7 @@ def _other_section(others: pd.DataFrame, tables: dict, plans: Plans) -> list[str
         # Results columns as they are (accuracy, BLEU): an other run has no table to say how to print it.
         columns = list(dict.fromkeys(m.column for t in mine for m in metrics(t))) or ["max_test_acc"]
         noisy = bool((runs["noise"] != 0).any()) or any(t.get("row_axis") == "noise" for t in mine)
-        out += [f"### {task}" + (" — synthetic data" if fake else ""), ""]
+        out += [f"{'#' * (level + 1)} {task}" + (" — synthetic data" if fake else ""), ""]
         if (runs["compared"] == "").all():
             out += [_unplanned(str(task), tables, presets(plans)), ""]
         groups: dict[tuple, list] = {}

@@ -11,7 +11,7 @@ from bench.report.compute import cell_views, labels, plot_compute
 from bench.report.frontier import plot_frontier
 from bench.report.curves import plot_curves, plot_title, save_png
 from bench.report.load import load_results, load_targets
-from bench.report.render import render_report, sections
+from bench.report.render import is_check, render_parts, sections
 from bench.report.sharpness import plot_study
 from bench.store.files import atomic_write
 from bench.tables.cells import Plans, match_plans
@@ -24,8 +24,9 @@ MAX_COMPUTE_PLOTS = 24  # accuracy-vs-compute plots: one per cell
 
 
 def _plot_groups(results: pd.DataFrame, tables: dict, plots: list | None) -> list[tuple]:
-    """(task, model, noise, synthetic) groups of ok runs, the tables' order first, or those of `plots`."""
-    ok = results.loc[results["status"] == "ok", ["task", "model", "noise", "synthetic"]]
+    """(task, model, noise, synthetic) groups of ok runs on real data (synthetic runs are pipeline checks: never
+    drawn), the tables' order first, or those of `plots`."""
+    ok = results.loc[(results["status"] == "ok") & ~results["synthetic"], ["task", "model", "noise", "synthetic"]]
     groups = list(ok.drop_duplicates().itertuples(index=False, name=None))
     if plots is not None:
         wanted = [tuple(p) for p in plots]
@@ -37,11 +38,14 @@ def _plot_groups(results: pd.DataFrame, tables: dict, plots: list | None) -> lis
 
 
 def write_report(results_dir: str | Path, out_path: str | Path, targets_path: str | Path,
-                 tables_path: str | Path, plans: Plans, plots: list | None = None) -> str:
-    """Render the report to `out_path` with its curves as PNGs beside it; returns the markdown."""
+                 tables_path: str | Path, plans: Plans, plots: list | None = None,
+                 full_plans: Plans | None = None) -> str:
+    """Render the report to `out_path` with its curves as PNGs beside it; returns the markdown. `full_plans`:
+    the full preset's plans, which the opening summary counts whatever `plans` the sections show."""
     results = match_plans(load_results(results_dir), plans)
     tables = load_tables(tables_path)
-    md = render_report(results, load_targets(targets_path), tables, plans, source=str(results_dir))
+    md, checks = render_parts(results, load_targets(targets_path), tables, plans, source=str(results_dir),
+                              full_plans=full_plans)
     out = Path(out_path)
     links, made = [], set()
     for task, model, noise, fake in _plot_groups(results, tables, plots):
@@ -54,11 +58,16 @@ def write_report(results_dir: str | Path, out_path: str | Path, targets_path: st
             made.add((task, model, noise, fake))
             what = plot_title(task, model, noise, fake)
             links += [f"### {what}", "", f"![{what}]({name})", ""]
-    missing = [f"- {t} / {m}: no epoch logs" for t, m in plots or [] if (t, m) not in {g[:2] for g in made}]
+    real = {g[:2] for g in _plot_groups(results, tables, None)}
+    fake = set(zip(results.loc[results["synthetic"], "task"], results.loc[results["synthetic"], "model"])) - real
+    missing = [f"- {t} / {m}: " + ("synthetic data only (a pipeline check: not drawn)" if (t, m) in fake
+                                   else "no epoch logs")
+               for t, m in plots or [] if (t, m) not in {g[:2] for g in made}]
     if links or missing:
         md += "\n## Curves\n\n" + "\n".join(links + missing).rstrip() + "\n"
     md += _compute_plots(results_dir, results, tables, plans, out, plots)
     md += _study_plots(results_dir, results, tables, plans, out)
+    md += checks  # the pipeline checks close the report, after the plots of real data
     atomic_write(out, md)
     return md
 
@@ -67,6 +76,9 @@ def _study_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict, p
     """The sharpness studies' scatter plots (a measure against the generalization gap), beside the report."""
     links = []
     for t, lay, preset, part, fake, suffix in sections(results, tables, plans):
+        if is_check(preset, fake):
+            continue
+
         def write(name: str, fig) -> None:
             file = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{out.stem}-sharpness-{preset}-{name}" + "-synthetic" * fake)
             save_png(fig, out.with_name(file + ".png"))
@@ -90,6 +102,8 @@ def _compute_plots(results_dir: str | Path, results: pd.DataFrame, tables: dict,
     links, made, left = [], 0, 0
     wanted = None if plots is None else {tuple(p) for p in plots}
     for t, lay, preset, part, fake, suffix in sections(results, tables, plans):
+        if is_check(preset, fake):  # pipeline checks: no plots
+            continue
         for view in cell_views(t, lay, preset, part, results_dir):
             if wanted is not None and (view.task, view.model) not in wanted:
                 continue

@@ -127,9 +127,12 @@ def test_report_command(three_runs, tmp_path):
     assert r.exit_code == 0, r.output
     text = out.read_text()
     # 2 epochs at batch 64 is no preset's plan: listed apart from the (empty) Table 2, by its differences.
-    assert "ASAM Table 2" not in text and "### cifar10 — synthetic data" in text
+    assert "## ASAM Table 2" not in text and "- ASAM Table 2: 0 of 24 cells run" in text
+    assert "#### cifar10 — synthetic data" in text
     assert "| resnet20 | asam | epochs=2, batch_size=64, lr=0.05 | asam2 (full) |" in text  # lr scaled with the batch
-    assert (tmp_path / "r-cifar10-resnet20-synthetic.png").exists()
+    # synthetic runs are pipeline checks: listed last, never drawn, and --plot says why
+    assert "- cifar10 / resnet20: synthetic data only (a pipeline check: not drawn)" in text
+    assert not list(tmp_path.glob("r-*.png"))
     assert invoke("report", "--results-dir", tmp_path / "none").exit_code == 2
     bad = invoke("report", "--results-dir", results, "--plot", "cifar10")
     assert bad.exit_code == 2 and "TASK:MODEL" in bad.output

@@ -216,7 +216,8 @@ def small_variants(tmp_path):
     table = text[start:] if end < 0 else text[start:end]
     from bench.tables.layout import columns
     assert set(columns(load_tables(TABLES)["variants"])) == set(VARIANTS) | set(SCHEDULED)
-    table = table.replace("synthetic = [256, 128]", "synthetic = [64, 32]")
+    assert "synthetic = [128, 64]" in table  # 8 steps in all: 4 of batch 16 in each of the smoke preset's 2 epochs
+    table = table.replace("synthetic = [128, 64]", "synthetic = [64, 32]")
     path = tmp_path / "tables.toml"
     path.write_text(table)
     return path
@@ -243,16 +244,32 @@ def test_every_variant_through_the_smoke_preset_then_the_equal_compute_view(tmp_
     r = CliRunner().invoke(app, ["report", "--results-dir", res, "--preset", "smoke"])
     assert r.exit_code == 0, r.output
     md = (Path(res) / "report.md").read_text()
-    view = view_rows(md[md.index("## SAM variants"):])
+    # Synthetic smoke runs are a pipeline check: they close the report, ours alone, no equal-compute view, no plot.
+    checks = md[md.index("## Pipeline checks on synthetic data"):]
+    assert "### SAM variants" in checks and "### Equal compute" not in md and not list(Path(res).glob("*.png"))
+    # The view and its plots, made from the same smoke runs' logs by the report's own functions (bench.report.compute).
+    from bench.report.compute import cell_views, compute_view, plot_compute
+    from bench.report.curves import save_png
+    from bench.report.frontier import plot_frontier
+    from bench.tables.layout import layout
+    tables = load_tables(small_variants(tmp_path))
+    lay = layout("variants", tables["variants"], "smoke")
+    part = match_plans(load_results(res), planned_settings(tables, ["smoke"]))
+    part = part[part["in_plans"].map(lambda pairs: ("variants", "smoke") in pairs).astype(bool)]
+    view = view_rows("\n".join(compute_view(tables["variants"], lay, "smoke", part, res)))
     assert [v[2] for v in view[2:]] == ["SGD", "SAM", "ASAM", "GSAM", "ESAM", "LookSAM", "F-SAM", "SAM-ON",
                                         "SAM (adaptive, all)", *SCHEDULED, "MSAM", "WSAM", "SAMPa"]
     # passes per step as the batches counted them: ESAM 1 + 1/3 + 1/2; LookSAM, k = 5, 8 steps: 2 SAM steps; the
-    # last 1/8 of 4 epochs: the last epoch's 2 steps of 8; every 5th of 8 steps: 1; SAMPa: 2, 1 on two devices
+    # last 1/8 of 2 epochs (floor(0.875 * 2) = 1): the last epoch's 4 steps of 8; every 5th of 8 steps: 1; SAMPa: 2,
+    # 1 on two devices
     assert [v[5] for v in view[2:]] == ["1.00", "2.00", "2.00", "2.00", "1.83", "1.25", "2.00", "2.00", "2.00",
-                                        "1.25", "1.12", "1.25", "1.12", "1.00", "2.00", "2.00 (1.00 parallel)"]
+                                        "1.50", "1.12", "1.50", "1.12", "1.00", "2.00", "2.00 (1.00 parallel)"]
     assert sum(v[-1] == "yes" for v in view[2:]) >= 1  # the frontier names at least one line
+    [cell] = cell_views(tables["variants"], lay, "smoke", part, res)
+    plot_compute(cell, "compute", lambda fig: save_png(fig, tmp_path / "compute.png"))
+    assert plot_frontier(cell, "frontier", lambda fig: save_png(fig, tmp_path / "frontier.png"))
     for kind in ("compute", "frontier"):
-        assert (Path(res) / f"report-{kind}-variants-smoke-cifar10-ResNet-56-synthetic.png").read_bytes().startswith(PNG)
+        assert (tmp_path / f"{kind}.png").read_bytes().startswith(PNG)
 
 
 def test_variants_dry_run_plans_every_minimizer(tmp_path):

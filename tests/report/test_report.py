@@ -556,14 +556,15 @@ def test_write_report_writes_markdown_and_linked_plots(tmp_path, tables):
         epochs(res, r["run_id"], [20.0, r["max_test_acc"]])
     md = write_report(res, out, tmp_path / "targets.csv", TABLES, PLANS)
     assert out.read_text(encoding="utf-8") == md
-    names = ["report-cifar10-resnet20.png", "report-cifar10-resnet20-synthetic.png",
-             "report-digits-noise-mlp-noise0.4.png"]
+    names = ["report-cifar10-resnet20.png", "report-digits-noise-mlp-noise0.4.png"]
+    # The synthetic run is a pipeline check: never drawn; its table closes the report, after the plots.
     assert sorted(p.name for p in out.parent.glob("*.png")) == sorted(names)
     curves = section(md, "Curves")
     for name in names:
         assert (out.parent / name).read_bytes().startswith(PNG)
         assert f"]({name})" in curves
-    assert curves.index(names[0]) < curves.index(names[1]) < curves.index(names[2])  # tables' order
+    assert curves.index(names[0]) < curves.index(names[1])  # tables' order
+    assert "synthetic" not in curves and md.index("## Curves") < md.index("## Pipeline checks on synthetic data")
     assert not list(out.parent.glob(".*"))  # no temp files left behind
     # Chosen plots only, and a note for one without logs.
     md = write_report(res, out, tmp_path / "targets.csv", TABLES, PLANS, plots=[("cifar10", "resnet56")])
