@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torchvision import datasets
-from torchvision.datasets.utils import check_integrity
 
 from bench.config import load_toml
 from bench.download import download_once
@@ -27,9 +25,9 @@ from tasks.images import AugmentDropout, ImageSet, ImageTask, NoisyImages, fake_
 
 RECIPE_FILE = str(Path(__file__).with_name("cifar.toml"))
 
-_SPEC = {  # torchvision class, its folder, number of classes
-    "cifar10": (datasets.CIFAR10, "cifar-10-batches-py", 10),
-    "cifar100": (datasets.CIFAR100, "cifar-100-python", 100),
+_SPEC = {  # torchvision class (imported when needed: tasks/images.py says why), its folder, number of classes
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 10),
+    "cifar100": ("CIFAR100", "cifar-100-python", 100),
 }
 
 
@@ -40,7 +38,8 @@ def is_synthetic(root: str | Path, dataset: str) -> bool:
 def _dataset_class(root: str, dataset: str):
     """torchvision's class, or for synthetic data a copy with md5 None (torchvision then checks only that the
     files exist)."""
-    cls = _SPEC[dataset][0]
+    from torchvision import datasets
+    cls = getattr(datasets, _SPEC[dataset][0])
     if not is_synthetic(root, dataset):
         return cls
 
@@ -53,6 +52,7 @@ def _dataset_class(root: str, dataset: str):
 
 def _is_complete(root: str, cls) -> bool:
     """Every file of both splits and the metadata, checked against the class's md5 sums."""
+    from torchvision.datasets.utils import check_integrity
     files = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
     return all(check_integrity(os.path.join(root, cls.base_folder, name), md5) for name, md5 in files)
 
@@ -88,7 +88,9 @@ class CifarTask(ImageTask):
         return is_synthetic(cfg.data_dir, self.dataset)
 
     def data_status(self, data_dir: str | Path) -> DataStatus:
-        cls, folder, _ = _SPEC[self.dataset]
+        from torchvision import datasets
+        name, folder, _ = _SPEC[self.dataset]
+        cls = getattr(datasets, name)
         names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         root = Path(data_dir) / folder
         return DataStatus(holding(root, names), f"{root}/", f"`bench run {self.name} --download` fetches it")

@@ -23,6 +23,7 @@ import gzip
 import struct
 import zlib
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from bench.download import download_once
 from bench.errors import UserError
 from bench.registry import register_task
 from bench.task import SYNTHETIC_MARKER, DataStatus
+from bench.options import option
 from tasks.images import ImageSet, ImageTask, NoisyImages, fake_images
 
 RECIPE_FILE = str(Path(__file__).with_name("fashion_mnist.toml"))
@@ -118,10 +120,19 @@ class FashionMnistTask(ImageTask):
         return f"wrote synthetic fashion-mnist ({train} train / {test} test images) to {path}"
 
 
+@dataclass(frozen=True)
+class DemoImages(NoisyImages):
+    """augment, dropout, noise, noise_seed, train_images"""
+    train_images: int = option(0, "train on the first N images of the demo's training part, before the held-out "
+                                  "validation tail (0: all of it)", ge=0, integer=True)
+
+
 class FashionMnistDemoTask(FashionMnistTask):
     """The demo: a held-out tail of the training split (`[fmnist-demo.split]`), scored on it or on the test
-    split (`evaluate_on`)."""
+    split (`evaluate_on`); `train_images`: a training subset small enough for SGD to memorise its noisy labels
+    in minutes on a CPU, the regime of both papers' label-noise tables."""
 
+    Options = DemoImages
     local_models = ("mlp",)
     overrides = "fmnist-demo"
     evaluate_on = "test"
@@ -131,7 +142,10 @@ class FashionMnistDemoTask(FashionMnistTask):
         n_val = round(len(full) * self._table(self.overrides)["split"]["validation_fraction"])
         if not 0 < n_val < len(full):
             raise UserError(f"{len(full)} training images leave no validation split and training set")
-        train = full.subset(np.arange(len(full) - n_val))
+        n_train = cfg.topts.get("train_images", 0) or len(full) - n_val
+        if n_train > len(full) - n_val:
+            raise UserError(f"train_images={n_train}: the training part holds {len(full) - n_val} images")
+        train = full.subset(np.arange(n_train))
         held_out = full.subset(np.arange(len(full) - n_val, len(full)))
         return train, (held_out if self.evaluate_on == "validation" else self.load(cfg, False))
 

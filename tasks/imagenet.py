@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision import datasets, transforms
 
 from bench.config import load_toml
 from bench.data import make_loader
@@ -38,7 +37,9 @@ def load_image(path: str):
                         "replace or remove it") from None
 
 
-def load_split(root: Path, split: str, transform) -> datasets.ImageFolder:
+def load_split(root: Path, split: str, transform):
+    """torchvision's ImageFolder of one split (torchvision imported when needed: tasks/images.py says why)."""
+    from torchvision import datasets
     folder = root / split
     if not folder.is_dir():
         raise UserError(f"ImageNet {split} folder not found at {folder}; expected {LAYOUT} "
@@ -64,6 +65,7 @@ class ImageNetTask(Task):
 
     def build(self, cfg, device: torch.device) -> Job:
         import timm
+        from torchvision import transforms
         root = Path(cfg.data_dir)
         train_tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                        transforms.ToTensor(), transforms.Normalize(MEAN, STD)])

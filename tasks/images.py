@@ -35,7 +35,6 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from bench.augment import Cutout, DeviceCifarLoader
 from bench.config import load_toml
@@ -258,7 +257,8 @@ class ImageTask(Task):
 
     def transforms(self, augment: str):
         """(train, test) transforms of PIL images for `--augment`; see the module docstring."""
-        spec = self.spec
+        from torchvision import transforms  # lazy: torchvision costs ~1.5 s of every run's start, and the
+        spec = self.spec                    # MLP demos and the device loader never need it
         norm = [transforms.ToTensor(), transforms.Normalize(spec["mean"], spec["std"])]
         train: list = []
         if augment.startswith("autoaugment"):

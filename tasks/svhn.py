@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torchvision import datasets
-from torchvision.datasets import utils as tv_utils
 
 from bench.download import download_once
 from bench.errors import UserError
@@ -37,9 +35,25 @@ SPLITS = {True: ("train", "extra"), False: ("test",)}
 FOLDER = "svhn"
 
 
-class _SyntheticSVHN(datasets.SVHN):
-    """torchvision's SVHN with md5 None: it then checks only that the file exists."""
-    split_list = {split: [url, name, None] for split, (url, name, _) in datasets.SVHN.split_list.items()}
+def _svhn_class(synthetic: bool):
+    """torchvision's SVHN (imported when needed: tasks/images.py says why), or for synthetic data a copy with md5
+    None: it then checks only that the file exists."""
+    from torchvision import datasets
+    if not synthetic:
+        return datasets.SVHN
+
+    class SyntheticSVHN(datasets.SVHN):
+        split_list = {split: [url, name, None] for split, (url, name, _) in datasets.SVHN.split_list.items()}
+    return SyntheticSVHN
+
+
+def _tv_utils():
+    from torchvision.datasets import utils
+    return utils
+
+
+def _file_name(split: str) -> str:
+    return _svhn_class(False).split_list[split][1]
 
 
 def svhn_root(data_dir: str | Path) -> Path:
@@ -53,13 +67,13 @@ def is_synthetic(data_dir: str | Path) -> bool:
 def load_split(data_dir: str | Path, split: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 3, 32, 32), labels (N,)) of one .mat file; missing or unreadable: one line."""
     root = svhn_root(data_dir)
-    path = root / datasets.SVHN.split_list[split][1]
-    cls = _SyntheticSVHN if is_synthetic(data_dir) else datasets.SVHN
+    path = root / _file_name(split)
+    cls = _svhn_class(is_synthetic(data_dir))
     if download:  # one process downloads (bench/download.py), the others wait and find it done
         url, name, md5 = cls.split_list[split]
         # SVHN.download's own call, without the constructor's reading of the file (extra is 1.3 GB)
-        download_once(root, f"svhn {split} into {root}", lambda: tv_utils.check_integrity(str(path), md5),
-                      lambda: tv_utils.download_url(url, str(root), name, md5))
+        download_once(root, f"svhn {split} into {root}", lambda: _tv_utils().check_integrity(str(path), md5),
+                      lambda: _tv_utils().download_url(url, str(root), name, md5))
     try:
         ds = cls(str(root), split=split)
     except RuntimeError:  # torchvision: missing, or its md5 differs
@@ -87,7 +101,7 @@ class SvhnTask(ImageTask):
 
     def data_status(self, data_dir: str | Path) -> DataStatus:
         root = svhn_root(data_dir)
-        names = [datasets.SVHN.split_list[s][1] for s in ("train", "extra", "test")]
+        names = [_file_name(s) for s in ("train", "extra", "test")]
         return DataStatus(holding(root, names), f"{root}/", "`bench run svhn --download` fetches it (1.5 GB)")
 
     def make_fake(self, out_dir: str, train: int = 2000, test: int = 500, seed: int = 0, **_: Any) -> str:
@@ -116,6 +130,6 @@ def write_fake_svhn(out_dir: str | Path, n_train: int, n_test: int, seed: int = 
              "test": (x_test, y_test)}
     for split, (x, y) in parts.items():
         labels = np.where(np.asarray(y) == 0, 10, y).astype(np.uint8)[:, None]
-        savemat(root / datasets.SVHN.split_list[split][1], {"X": x.transpose(2, 3, 1, 0), "y": labels})
+        savemat(root / _file_name(split), {"X": x.transpose(2, 3, 1, 0), "y": labels})
     (root / SYNTHETIC_MARKER).write_text(f"synthetic data written by sambench (seed {seed})\n")
     return root

@@ -105,3 +105,13 @@ def test_the_report_and_the_store_load_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_run_starts_without_torchvision_or_sklearn():
+    """Every run is a process of its own (bench.sweep.child): torchvision (~1.5 s) and scikit-learn (~1 s) are
+    imported by the tasks that need them, when they need them, not by the task registry."""
+    code = ("import sys; import bench.sweep.child, bench.registry; bench.registry.get_task('digits-noise'); "
+            "print(sorted(m for m in ('torchvision', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

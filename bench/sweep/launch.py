@@ -91,6 +91,17 @@ def worker_envs(gpus: list[str], mask: str | None) -> list[dict[str, str]]:
     return [{MASK: visible[int(g)]} for g in gpus]
 
 
+def cpu_worker_env(workers: int, environ=os.environ) -> dict[str, str]:
+    """A CPU worker's share of this machine's cores as torch's thread count (OMP_NUM_THREADS), unless the caller
+    set one. Without it each of N workers runs as many threads as there are cores: on a machine of 2 cores, two
+    workers of a small model then wait on each other's threads and an epoch takes 5 to 20 times as long, at
+    random, which is what their rows' times would say."""
+    if workers <= 1 or "OMP_NUM_THREADS" in environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cores // workers))}
+
+
 def on_cuda(device: str) -> bool:
     """Whether a sweep's runs train on CUDA: `cuda`, `cuda:N`, or `auto` where CUDA is usable."""
     import torch
@@ -114,7 +125,7 @@ def run_local(spec, gpus: list[str] | None, workers: int) -> list[int]:
     """One worker process per GPU (its CUDA_VISIBLE_DEVICES naming that GPU through this process's mask) or
     `workers` CPU workers; each sweeps the whole plan. Returns the workers' exit codes."""
     labels = [f"gpu {g}" for g in gpus] if gpus else [f"worker {i}" for i in range(workers)]
-    envs = worker_envs(gpus, os.environ.get(MASK)) if gpus else [{} for _ in labels]
+    envs = worker_envs(gpus, os.environ.get(MASK)) if gpus else [cpu_worker_env(workers) for _ in labels]
     ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state inherited
     procs = []
     for label, env in zip(labels, envs):
