@@ -3,7 +3,7 @@
 pip picks the newest torch, a build for the newest CUDA, which needs a recent NVIDIA driver and drops the
 oldest GPUs; on such a node `torch.cuda.is_available()` is simply False. Silently training on the CPU there
 would waste a sweep, so `cuda_problem()` says, in one line, that a GPU is present but unusable, with the driver,
-the wheel's CUDA version and the torch to install (README: "Choosing a torch wheel for a cluster's driver").
+the wheel's CUDA version and the torch to install (docs/clusters.md: "Choosing a torch wheel for a cluster's driver").
 No CUDA call here may fail: every probe is a file read or a short subprocess. `bench doctor` reports the same.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def cuda_problem() -> str | None:
     if not torch.version.cuda:
         fix = f"this torch has no CUDA at all: {fix}"
     return (f"an NVIDIA GPU is here (driver {driver or 'version unknown'}) but {torch_build()} cannot use it"
-            f"{f' ({reason})' if reason else ''}; {fix}; see the README's 'Choosing a torch wheel for a cluster's "
+            f"{f' ({reason})' if reason else ''}; {fix}; see docs/clusters.md, 'Choosing a torch wheel for a cluster's "
             "driver', or pass --device cpu to train on the CPU anyway")
 
 

@@ -92,7 +92,7 @@ class ImageNetTask(Task):
         splits = [root / s for s in ("train", "val")]
         found = all(s.is_dir() and any(c.is_dir() for c in s.iterdir()) for s in splits)
         return DataStatus(root if found else None, LAYOUT.replace("<data-dir>", str(root)),
-                          "the ILSVRC-2012 archives, extracted into that layout (README: Datasets)")
+                          "the ILSVRC-2012 archives, extracted into that layout (docs/datasets.md)")
 
     def make_fake(self, out_dir: str, classes: int = 4, per_class: int = 8, seed: int = 0, **_: Any) -> str:
         n = write_fake_imagenet(out_dir, classes, per_class, seed)

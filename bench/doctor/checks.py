@@ -168,7 +168,7 @@ def device_check(index: int) -> Check:
     if not arch_supported((p.major, p.minor), torch.cuda.get_arch_list()):
         return Check(f"GPU {index}", FAIL, f"{detail}; {gpu.torch_build()} has no kernels for it (built for "
                      f"{', '.join(torch.cuda.get_arch_list())})", "install a torch whose CUDA still supports this "
-                     "GPU (README: 'Choosing a torch wheel for a cluster's driver')")
+                     "GPU (docs/clusters.md: 'Choosing a torch wheel for a cluster's driver')")
     try:
         (torch.ones(8, device=device) * 2).sum().item()
         bf16 = gpu.native_bf16(device)

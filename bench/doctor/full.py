@@ -377,7 +377,7 @@ def compare(label: str, whole: Path, cut: Path, exact: bool) -> Check:
     if same:
         return Check(f"{label}: result", OK, detail)
     if exact:
-        return Check(f"{label}: result", FAIL, detail, "bit-identity is promised here (README: 'Determinism'): "
+        return Check(f"{label}: result", FAIL, detail, "bit-identity is promised here (docs/reliability.md: 'Determinism'): "
                      "compare the two runs' epochs.csv and report it")
     return Check(f"{label}: result", INFO, detail + " (equal up to rounding is what this loop promises)")
 

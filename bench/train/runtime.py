@@ -139,7 +139,7 @@ def deterministic_mode(on: bool):
         if "deterministic" not in str(e):
             raise
         raise UserError(f"--deterministic: {' '.join(str(e).split())[:200]}; run without --deterministic (a resume is "
-                        "then equal up to rounding: README, 'Determinism')") from None
+                        "then equal up to rounding: docs/reliability.md, 'Determinism')") from None
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
