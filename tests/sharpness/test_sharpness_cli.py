@@ -102,7 +102,7 @@ def test_study_smoke_trains_measures_reports_and_resumes(tmp_path):
     assert len(runs) == 4 and set(runs.dropout) == {0.0, 0.3} and set(runs.batch_size) == {16, 32}
     sharp = pd.read_csv(res / "sharpness.csv")
     assert len(sharp) == 4 * len(MEASURES) and set(sharp.run_id) == set(runs.run_id)
-    assert (sharp.sh_examples == 32).all() and (sharp.sh_iters == 2).all()
+    assert (sharp.sh_examples == 16).all() and (sharp.sh_iters == 1).all()  # the smoke preset's light protocol
 
     r = invoke(*args)
     assert r.exit_code == 0 and "4 skipped" in r.output, r.output
@@ -118,12 +118,14 @@ def test_study_smoke_trains_measures_reports_and_resumes(tmp_path):
     log = (res / "runs" / runs.run_id.iloc[0] / "output.log").read_text()
     assert log.count("already done") == 1  # measured again, not trained again
 
+    # synthetic runs are a pipeline check: the report lists them last, with no Kendall table and no scatter plot
+    # (the study's table and plots on real rows: tests/report/test_report_sharpness.py)
     r = invoke("report", "--results-dir", res, "--preset", "smoke")
     assert r.exit_code == 0, r.output
     md = (res / "report.md").read_text()
-    assert "Sharpness and the generalization gap" in md and "Kendall" in md
-    assert "| CIFAR-10 | worst_adaptive_l2 | 0.5 | 4 |" in md
-    assert len(list(res.glob("report-sharpness-*.png"))) == len(MEASURES)
+    checks = md[md.index("## Pipeline checks on synthetic data"):]
+    assert "### ASAM's study" in checks and "Kendall" not in md
+    assert not list(res.glob("report-sharpness-*.png"))
 
 
 def test_measures_run_in_exact_fp32_whatever_the_tf32_flags(kept, monkeypatch):
