@@ -28,14 +28,19 @@ def ours(runs: pd.DataFrame, column: str, error: bool = False, ci: bool = False,
     """`mean ± spread (n)` over ok runs (spread: std, or the 95 % CI with `ci`; values 100 - column with
     `error`; `(n, E ep)` where a cell's epochs were chosen); diverged runs are counted, never averaged in."""
     diverged = int((runs["status"] == "diverged").sum())
-    ok = runs.loc[runs["status"] == "ok"]
-    vals = pd.to_numeric(ok[column], errors="coerce").dropna() if column in ok else pd.Series(dtype=float)
-    if vals.empty:
+    vals = ok_values(runs, column, error)
+    if not vals:
         return (f"diverged ({diverged})" if diverged else DASH), None
-    vals = list(100.0 - vals if error else vals)
     mean, n = sum(vals) / len(vals), f"{len(vals)}" + (f", {epochs:g} ep" if epochs else "")
     text = f"{mean:.2f} ± {(ci95 if ci else std)(vals):.2f} ({n})" if len(vals) > 1 else f"{mean:.2f} ({n})"
     return text + (f" +{diverged} diverged" if diverged else ""), mean
+
+
+def ok_values(runs: pd.DataFrame, column: str, error: bool = False) -> list[float]:
+    """The numbers of `column` over the ok runs (100 - each with `error`); diverged and failed runs have none."""
+    ok = runs.loc[runs["status"] == "ok"]
+    vals = pd.to_numeric(ok[column], errors="coerce").dropna() if column in ok else pd.Series(dtype=float)
+    return list(100.0 - vals if error else vals)
 
 
 def _better_epochs(runs: pd.DataFrame, column: str) -> tuple[pd.DataFrame, float | None]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report.paper import DASH, PAPER_PRESET, by_cell, footnotes, md_table, ours, paper_cell
+from bench.report.paper import DASH, PAPER_PRESET, by_cell, footnotes, md_table, ok_values, ours, paper_cell
 from bench.report.sharpness import PAPER_METRIC, correlations, study_rows
 from bench.report.stats import std, t975
 from bench.tables.cells import Plans, presets
@@ -102,9 +102,7 @@ def _table_cells(t: dict, lay: Layout, runs: pd.DataFrame, figs: dict, short: st
                         text, mean = ours(sel, metric.column, error=error, epochs=epochs)
                         if mean is None:
                             continue
-                        ok = sel.loc[sel["status"] == "ok"]
-                        vals = [100.0 - v if error else v for v in pd.to_numeric(ok[metric.column],
-                                                                                  errors="coerce").dropna()]
+                        vals = ok_values(sel, metric.column, error)
                         label = " / ".join(x for x in (
                             t.get("datasets", {}).get(task, task) if len(tasks(t)) > 1 else "", row["label"],
                             var["label"] if lay.variant_column else "", minimizer_name(t, m)) if x)

@@ -189,9 +189,6 @@ class Writer:
         return error
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
+        error = self.settle()
+        if error is not None:
             raise error
