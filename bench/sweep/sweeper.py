@@ -29,6 +29,7 @@ from bench.registry import get_task
 from bench.store.claims import ENV, HEARTBEAT_EVERY, STALE_AFTER, Claims, Heartbeat
 from bench.store.files import atomic_write
 from bench.store.records import FINISHED, read_record, run_folder, sync_csvs
+from bench.sweep import forked
 from bench.tables.layout import load_tables
 from bench.tables.plan import TablePlan, plan
 from bench.train.control import handling_sigint
@@ -167,21 +168,20 @@ class Sweeper:
             self.claims.release(claim)
 
     def run_child(self, cfg: RunConfig, claim, sharpness=None) -> dict[str, Any]:
-        """Train `cfg` in a fresh process under our claim (then measure its sharpness, when its table asks);
+        """Train `cfg` in a process of its own under our claim (then measure its sharpness, when its table asks);
         its record (a failure one if it left none)."""
         folder = run_folder(self.results_dir, cfg.run_id)
         before = read_record(self.results_dir, cfg.run_id)
         atomic_write(folder / "config.json", json.dumps(asdict(cfg), indent=1) + "\n")
         env = {**os.environ, ENV: f"{cfg.run_id} {claim.token}", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "bench.sweep.child", str(folder / "config.json")] + ["--force"] * self.force
+        argv = [str(folder / "config.json")] + ["--force"] * self.force
         if sharpness is not None:
             atomic_write(folder / "sharpness.json", json.dumps(sharpness.as_dict(), indent=1) + "\n")
-            cmd += ["--sharpness", str(folder / "sharpness.json")]
+            argv += ["--sharpness", str(folder / "sharpness.json")]
         t0 = time.time()
-        with open(folder / "output.log", "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-            with Heartbeat(self.claims, claim, on_lost=proc.terminate, every=self.heartbeat_every):
-                rc = _wait(proc)
+        proc = start(argv, env, folder / "output.log", forked.wanted(cfg))
+        with Heartbeat(self.claims, claim, on_lost=proc.terminate, every=self.heartbeat_every):
+            rc = _wait(proc)
         record = read_record(self.results_dir, cfg.run_id)
         if rc == 130:
             self.stopping = True
@@ -197,7 +197,17 @@ class Sweeper:
                                    f"looks like this)", _tail(folder / "output.log"))
 
 
-def _wait(proc: subprocess.Popen) -> int:
+def start(argv: list[str], env: dict[str, str], log: Path, fork: bool):
+    """`python -m bench.sweep.child ARGV`: forked from the torch-loaded server (bench.sweep.forked) or a fresh
+    interpreter, its output appended to `log` either way."""
+    if fork:
+        return forked.ForkedRun(argv, env, log)
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "bench.sweep.child", *argv], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=forked.die_with_parent)
+
+
+def _wait(proc) -> int:
     """Wait for the child; a Ctrl-C reaches it too (same process group) and it stops at an epoch end."""
     while True:
         try:
@@ -211,16 +221,6 @@ def _sigint_stops(sweeper: Sweeper):
     def on_sigint(signum, frame):
         sweeper.stopping = True
     return handling_sigint(on_sigint)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the sweeper dies (Linux), so no orphan trains a run whose
-    claim another sweeper is about to take over."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
 
 
 def _tail(path: Path, lines: int = 60) -> str:

@@ -159,10 +159,12 @@ print("sweep", Sweeper(plans, sys.argv[1], poll=0.2, stale_after=float(sys.argv[
 """
 
 
-def test_killed_sweepers_run_is_taken_over_and_resumed(tmp_path):
+@pytest.mark.parametrize("fresh", ["0", "1"], ids=["forked", "fresh"])  # bench.sweep.forked, or not
+def test_killed_sweepers_run_is_taken_over_and_resumed(tmp_path, fresh):
     res = tmp_path / "res"
+    env = {**ENV, "SAMBENCH_FRESH_PROCESS": fresh}
     first = subprocess.Popen([sys.executable, "-c", DRIVER, str(res), "600"], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=ENV)
+                             stderr=subprocess.STDOUT, text=True, env=env)
     t0 = time.time()
     while not list(res.glob("runs/*/checkpoint.pt")):
         assert first.poll() is None, first.communicate()[0]
@@ -176,10 +178,11 @@ def test_killed_sweepers_run_is_taken_over_and_resumed(tmp_path):
     time.sleep(1.0)  # the run's own process dies with its sweeper (no orphan keeps training)
     assert "-> ok" not in (run / "output.log").read_text() and not (res / "cifar10-noise.csv").exists()
     second = subprocess.run([sys.executable, "-c", DRIVER, str(res), "600"], capture_output=True, text=True,
-                            env=ENV, timeout=600)
+                            env=env, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"taking over {run.name} from" in second.stdout and f"pid {first.pid} is gone" in second.stdout
-    assert "resuming" in (run / "output.log").read_text()
+    log = (run / "output.log").read_text()
+    assert "resuming" in log and log.count(f"{run.name}: ok") == 1  # trained to the end once, resumed
     df = rows(res)
     assert len(df) == 1 and df.status[0] == "ok" and df.epochs_done[0] == 3 and df.resumptions[0] == 1
     assert read_record(res, run.name)["status"] == "ok"
