@@ -18,7 +18,8 @@ from multiprocessing import forkserver
 from pathlib import Path
 
 # What the server imports before it forks: torch and what every run imports, and torchvision and timm, which
-# the image tasks import when they need them (another 2 s a run; a digits run does not mind them).
+# the image tasks import when they need them (another 2 s a run; a digits run does not mind them). bench.cli.main:
+# multiprocessing re-runs the sweeper's main script in each run, and the `bench` script imports it.
 PRELOAD = ["torch", "torch._dynamo", "torch.optim", "torchvision", "timm", "bench.sweep.child", "bench.train.runner",
            "bench.sharpness.run", "bench.registry", "tasks", "bench.cli.main"]
 OFF = "SAMBENCH_FRESH_PROCESS"

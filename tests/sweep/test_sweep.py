@@ -16,7 +16,8 @@ from bench.cli.main import app
 from bench.errors import UserError
 from bench.store.records import read_record
 from bench.store.claims import Claims
-from bench.sweep.launch import parse_gpus, sbatch_text, slurm_parameters
+from bench.sweep import forked
+from bench.sweep.launch import sbatch_text, slurm_parameters
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SMOKE6 = ["reproduce", "asam6", "--preset", "smoke", "--device", "cpu", "--workers", "0", "--poll", "0.2"]
@@ -56,7 +57,7 @@ def test_claim_is_taken_over_only_when_its_owner_is_gone(tmp_path):
     mine, found, _ = claims.acquire("r")
     assert mine is not None and found is None
     other = subprocess.run([sys.executable, "-c", "import sys; from bench.store.claims import Claims; "
-                            f"c, f, w = Claims(sys.argv[1]).acquire('r'); print(c is None, f.pid)", str(tmp_path)],
+                            "c, f, w = Claims(sys.argv[1]).acquire('r'); print(c is None, f.pid)", str(tmp_path)],
                            capture_output=True, text=True, env=ENV)
     assert other.stdout.split() == ["True", str(os.getpid())]  # held by a live process: refused
     assert claims.beat(mine)
@@ -162,7 +163,7 @@ print("sweep", Sweeper(plans, sys.argv[1], poll=0.2, stale_after=float(sys.argv[
 @pytest.mark.parametrize("fresh", ["0", "1"], ids=["forked", "fresh"])  # bench.sweep.forked, or not
 def test_killed_sweepers_run_is_taken_over_and_resumed(tmp_path, fresh):
     res = tmp_path / "res"
-    env = {**ENV, "SAMBENCH_FRESH_PROCESS": fresh}
+    env = {**ENV, forked.OFF: fresh}
     first = subprocess.Popen([sys.executable, "-c", DRIVER, str(res), "600"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=env)
     t0 = time.time()
